@@ -1,0 +1,30 @@
+# Everything the project needs is installed from here, on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+EXTRAS ?= test
+
+.PHONY: install test test-fast demo clean
+
+$(VENV)/.installed-$(EXTRAS): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first, pinned: an unpinned torch pulls several GB of CUDA packages.
+	$(PIP) install --quiet "torch==$(TORCH_VERSION)"
+	$(PIP) install --quiet -e ".[$(EXTRAS)]"
+	# MTCNN weights ship in facenet-pytorch's wheel; its pins would replace torch, so no deps.
+	$(PIP) install --quiet --no-deps "facenet-pytorch==2.6.0"
+	touch $@
+
+install: $(VENV)/.installed-$(EXTRAS)
+
+test: install
+	WANDB_MODE=offline $(PY) -m pytest
+
+test-fast: install
+	WANDB_MODE=offline $(PY) -m pytest -m "not slow and not slurm"
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

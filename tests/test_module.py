@@ -1,0 +1,126 @@
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from s2f.metrics import angles_deg
+from s2f.module import Speech2Face
+from s2f.teacher import TeacherHead
+
+# D < classes: the teacher's logits then pin v_s down, as VGG-Face's 2,622 classes do in practice.
+PAIRS, FRAMES, BINS, DIM, CLASSES = 16, 32, 64, 16, 48
+STEPS = 150
+
+
+class FixedPairs(Dataset):
+    """16 fixed (spectrogram, feature) pairs; features are non-negative like post-ReLU fc7.
+
+    `identity_features` (2 per identity) train the teacher head; the pairs use the first 16.
+    """
+
+    def __init__(self, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.spec = torch.randn(PAIRS, 2, FRAMES, BINS, generator=generator)
+        self.identity_features = torch.randn(2 * CLASSES, DIM, generator=generator).relu()
+        self.fc7 = self.identity_features[:PAIRS]
+
+    def __len__(self):
+        return PAIRS
+
+    def __getitem__(self, i):
+        return {"spec": self.spec[i], "fc7": self.fc7[i]}
+
+
+def teacher_file(tmp_path, pairs: FixedPairs):
+    labels = torch.arange(2 * CLASSES) % CLASSES
+    path = tmp_path / "teacher_head.pt"
+    TeacherHead.fit(pairs.identity_features, labels).save(path)
+    return str(path)
+
+
+def make_module(tmp_path, pairs):
+    return Speech2Face(
+        encoder="tiny", feature_dim=DIM, num_classes=CLASSES, freq_bins=BINS,
+        teacher=teacher_file(tmp_path, pairs),
+    )
+
+
+def mean_angle(module, pairs) -> float:
+    module.eval()
+    with torch.no_grad():
+        return angles_deg(module(pairs.spec), pairs.fc7).mean().item()
+
+
+def test_module_overfits_sixteen_pairs(tmp_path):
+    pl.seed_everything(0)
+    pairs = FixedPairs()
+    module = make_module(tmp_path, pairs)
+    before = mean_angle(module, pairs)
+    trainer = pl.Trainer(
+        max_steps=STEPS, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, DataLoader(pairs, batch_size=PAIRS, shuffle=False))
+    after = mean_angle(module, pairs)
+    assert before > 45
+    assert after < 20, f"mean angle {after:.1f} deg after {STEPS} steps (from {before:.1f})"
+    assert set(trainer.logged_metrics) >= {"train/total", "train/dec", "train/feat", "train/distill", "train/lr"}
+
+
+def test_validation_metrics_over_the_whole_split(tmp_path):
+    pairs = FixedPairs()
+    module = make_module(tmp_path, pairs)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    metrics = trainer.validate(module, DataLoader(pairs, batch_size=5), verbose=False)[0]
+    assert metrics["val/samples"] == PAIRS  # four batches gathered into one gallery
+    module.eval()
+    with torch.no_grad():
+        v_s = module(pairs.spec)
+    assert metrics["val/angle"] == torch.tensor(angles_deg(v_s, pairs.fc7).mean().item()).float().item()
+    sims = torch.nn.functional.normalize(v_s, dim=1) @ torch.nn.functional.normalize(pairs.fc7, dim=1).T
+    rank = (sims > sims.diag()[:, None]).sum(1) + 1
+    assert metrics["val/recall@5"] == (rank <= 5).float().mean().item()
+
+
+def test_checkpoint_alone_rebuilds_the_module(tmp_path):
+    pairs = FixedPairs()
+    module = make_module(tmp_path, pairs)
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0)
+    trainer.fit(module, DataLoader(pairs, batch_size=8))
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    (tmp_path / "teacher_head.pt").unlink()  # the checkpoint must not need it
+    restored = Speech2Face.load_from_checkpoint(tmp_path / "model.ckpt", weights_only=True)
+    module.eval(), restored.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(pairs.spec), module(pairs.spec))
+    torch.testing.assert_close(restored.loss.fc8.weight, module.loss.fc8.weight)
+    assert restored.hparams.encoder == "tiny" and restored.hparams.lr == 1e-3
+
+
+def test_training_without_teacher_fails_naming_the_key(tmp_path):
+    module = Speech2Face(encoder="tiny", feature_dim=DIM, num_classes=CLASSES, freq_bins=BINS)
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         default_root_dir=tmp_path)
+    try:
+        trainer.fit(module, DataLoader(FixedPairs(), batch_size=8))
+    except ValueError as error:
+        assert "model.teacher" in str(error)
+    else:
+        raise AssertionError("training without a teacher must fail")
+
+
+def test_paper_optimiser_defaults():
+    module = Speech2Face(encoder="tiny", feature_dim=DIM, num_classes=CLASSES)
+    config = module.configure_optimizers()
+    optimizer, schedule = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"]) == (1e-3, (0.5, 0.999), 1e-4)
+    assert (schedule.step_size, schedule.gamma, config["lr_scheduler"]["interval"]) == (10_000, 0.95, "step")
+
+
+def test_waveform_batches_get_their_spectrogram():
+    wav = torch.randn(2, 16_000)
+    spec = Speech2Face.batch_spectrogram({"wav": wav})
+    assert spec.shape == (2, 2, 98, 257)

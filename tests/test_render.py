@@ -1,0 +1,70 @@
+"""The procedural face renderer: determinism, shapes, geometry that follows the appearance."""
+
+import time
+
+import numpy as np
+import pytest
+
+from s2f.demo.render import ClipVariation, FaceAppearance, render_canonical, render_face, render_scene
+
+GREY_ROW_TOLERANCE = 12  # 8-bit levels: grain is ~2, skin differs from the grey backdrop by more
+
+
+def _head_width(image: np.ndarray, row: int) -> int:
+    """Pixels on `row` that differ from the flat canonical backdrop (its left edge colour)."""
+    line = image[row].astype(int)
+    return int((np.abs(line - line[:4].mean(0)).max(1) > GREY_ROW_TOLERANCE).sum())
+
+
+def test_render_is_deterministic_and_input_dependent():
+    appearance = FaceAppearance(nose_width=0.3, hair_style=3, beard=0.6)
+    variation = ClipVariation(yaw_deg=8, roll_deg=-5, smile=0.5, mouth_open=0.4, background=7)
+    first = render_face(appearance, variation)
+    assert first.shape == (224, 224, 3) and first.dtype == np.uint8
+    assert first.tobytes() == render_face(appearance, variation).tobytes()
+    other_background = render_face(appearance, ClipVariation(background=8))
+    assert np.abs(first.astype(int) - other_background).mean() > 5
+
+
+def test_frame_sizes_and_two_face_scene():
+    frame = render_face(FaceAppearance(), ClipVariation(scale=0.5), size=(480, 640))
+    assert frame.shape == (480, 640, 3)
+    left = (FaceAppearance(), ClipVariation(center=(0.3, 0.5), scale=0.5, background=1))
+    right = (FaceAppearance(skin_tone=0.9), ClipVariation(center=(0.7, 0.5), scale=0.4))
+    scene = render_scene([left, right], size=(240, 480))
+    alone = render_scene([left], size=(240, 480))
+    changed = np.abs(scene.astype(int) - alone).max(2) > 20  # (H, W)
+    columns = np.nonzero(changed.any(0))[0]
+    assert columns.min() > 240 * 0.6 and columns.max() < 480  # the second face, right half only
+
+
+@pytest.mark.parametrize("field, row_v", [("face_width", -0.5), ("jaw_width", 0.74)])
+def test_outline_widens_with_face_and_jaw_width(field, row_v):
+    # canonical framing: head centre at 0.52 H, head height 0.62 H = 2.85 units
+    size = 320
+    row = int(size * 0.52 + (row_v + 0.125) * size * 0.62 / 2.85)
+    widths = [
+        _head_width(render_canonical(FaceAppearance(hair_style=0, **{field: t}), (size, size)), row)
+        for t in (0.0, 0.5, 1.0)
+    ]
+    assert widths[0] < widths[1] < widths[2], widths
+    assert widths[2] - widths[0] >= 8  # pixels: a visible change
+
+
+def test_nose_width_changes_only_the_nose_region():
+    narrow = render_canonical(FaceAppearance(nose_width=0.0)).astype(int)
+    wide = render_canonical(FaceAppearance(nose_width=1.0)).astype(int)
+    rows, cols = np.nonzero(np.abs(narrow - wide).max(2) > 25)
+    assert len(rows) > 50
+    # the nose lies in the middle of the face: rows 100..150, columns within 40 px of centre
+    assert rows.min() > 90 and rows.max() < 150 and np.abs(cols - 112).max() < 40
+
+
+def test_render_speed():
+    appearance, variation = FaceAppearance(hair_style=2, beard=0.5), ClipVariation(background=3)
+    render_face(appearance, variation)
+    start = time.process_time()
+    for _ in range(10):
+        render_face(appearance, variation)
+    per_frame = (time.process_time() - start) / 10
+    assert per_frame < 0.1  # seconds of CPU; ~0.02 on one idle core
