@@ -9,8 +9,9 @@ models read only `"spec"`.
 Training order. Each epoch the shard list is permuted with a generator seeded by (seed, epoch,
 cycle) and the permutations are concatenated into an endless sequence; reader slot
 `rank * num_workers + worker` takes every (world_size * num_workers)-th shard of it, so within one
-pass over the shards every sample goes to exactly one reader. Each reader shuffles raw samples in
-a buffer seeded by (seed, epoch, rank, worker, num_workers), decodes them and makes batches inside
+pass over the shards every sample goes to exactly one reader. Each reader shuffles the raw samples
+of each pass in a buffer seeded by (seed, epoch, pass, rank, worker, num_workers) and flushed at the
+end of the pass (so a pass is used up before the next begins), decodes them and makes batches inside
 its DataLoader worker, and stops after its share of `epoch_samples // (world_size * batch_size)`
 batches (the equivalent of WebDataset's `.with_epoch()`), so every rank yields the same number of
 batches and DDP never waits on a rank that ran dry. A reader that needs more samples than one pass
@@ -455,7 +456,7 @@ class ShardDataModule(pl.LightningDataModule):
         if not urls:
             raise ValueError(f"{self.root}: split {split!r} has no shards; build it or fix the pattern")
         payload = self.payload or (index.payload if index is not None else "audio")
-        rank, world = _rank_and_world(self._trainer_or_none())
+        rank, world = _rank_and_world(self.trainer)
         batches = 0
         if train:
             samples = self.epoch_samples or (index.num_samples if index is not None else None)
@@ -472,9 +473,6 @@ class ShardDataModule(pl.LightningDataModule):
                            feature_dim=index.feature_dim if index is not None else None,
                            shuffle_buffer=self.shuffle_buffer, seed=self.seed, rank=rank,
                            world_size=world, epoch_batches=batches)
-
-    def _trainer_or_none(self) -> "pl.Trainer | None":
-        return self.trainer if getattr(self, "trainer", None) is not None else None
 
     def _loader(self, split: str, train: bool) -> ShardLoader:
         return ShardLoader(self._stream(split, train), self.num_workers, self.max_bad_fraction)

@@ -37,8 +37,6 @@ MTCNN_THRESHOLDS = (0.6, 0.7, 0.7)  # face probability to pass P-, R-, O-Net
 MTCNN_NMS = (0.5, 0.7, 0.7, 0.7)  # IoU: per scale, P-Net all scales, R-Net, O-Net (min-IoU)
 MTCNN_CELL = 12  # pixels, P-Net receptive field
 MTCNN_STRIDE = 2  # pixels, P-Net output stride
-LANDMARKS_68 = 68
-LANDMARKS_5 = 5
 
 _MODELS: dict[str, object] = {}
 
@@ -407,7 +405,8 @@ class MTCNN(nn.Module):
         h, w = image.shape[2:]
         found = []
         for scale in _pyramid(h, w, min_face):
-            scaled = F.interpolate(image, size=(int(h * scale + 1), int(w * scale + 1)), mode="area")
+            size = (int(h * scale + 1), int(w * scale + 1))
+            scaled = F.interpolate(image, size=size, mode="area")
             offsets, prob = self.pnet(scaled)
             boxes = _pnet_boxes(offsets, prob[0, 1], scale)  # (K, 9)
             found.append(boxes[_nms(boxes[:, :4], boxes[:, 4], MTCNN_NMS[0])])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -248,7 +249,6 @@ class DlibTeacher:
     def features(self, crops: np.ndarray) -> np.ndarray:
         """Aligned RGB uint8 crops (N, S, S, 3) -> descriptors (N, 128) float32."""
         import dlib  # the faces extra; load() has already imported it through s2f.faces
-        import numpy as np  # local: this file's head belongs to the torch teachers
 
         if crops.ndim != 4 or crops.shape[3] != 3 or crops.shape[1] != crops.shape[2]:
             raise ValueError(
@@ -261,3 +261,40 @@ class DlibTeacher:
         ]
         vectors = self.model.compute_face_descriptor(chips)  # N x 128
         return np.asarray([np.asarray(v) for v in vectors], dtype=np.float32).reshape(-1, 128)
+
+
+class VGGFaceTeacher:
+    """VGG-Face fc7 as a shard-builder teacher: aligned RGB crops -> (N, 4096) float32."""
+
+    name = "vggface"
+    feature_dim = VGGFACE_FEATURE_DIM
+    differentiable = True
+    BATCH = 32  # crops per forward
+
+    def __init__(self, model: VGGFace):
+        self.model = model
+
+    @classmethod
+    def load(cls, path: str | Path) -> "VGGFaceTeacher":
+        model = VGGFace.load(path)
+        return cls(model.cuda() if torch.cuda.is_available() else model)
+
+    def features(self, crops: np.ndarray) -> np.ndarray:
+        images = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2)  # (N, 3, H, W)
+        if images.shape[-2:] != (VGGFACE_IMAGE_SIZE, VGGFACE_IMAGE_SIZE):
+            images = nn.functional.interpolate(
+                images.float(), size=(VGGFACE_IMAGE_SIZE,) * 2, mode="bilinear", antialias=True
+            )
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            out = [self.model(b.to(device)).cpu() for b in images.split(self.BATCH)]
+        return torch.cat(out).numpy().astype(np.float32)
+
+
+def teacher_from_spec(spec: str):
+    """`dlib` or `vggface:PATH` -> a loaded teacher with `name`, `feature_dim`, `features()`."""
+    if spec == "dlib":
+        return DlibTeacher.load()
+    if spec.startswith("vggface:"):
+        return VGGFaceTeacher.load(spec.split(":", 1)[1])
+    raise ValueError(f"unknown teacher {spec!r}; use 'dlib' or 'vggface:/path/to/vgg_face_dag.pth'")

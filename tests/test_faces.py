@@ -1,4 +1,4 @@
-"""Face detection, speaker choice, landmarks, alignment, MTCNN against its reference, dlib teacher."""
+"""Face detection, speaker choice, landmarks, alignment, MTCNN vs its reference, dlib teacher."""
 
 import importlib.util
 import sys
@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from s2f.demo.render import ClipVariation, FaceAppearance, render_canonical, render_face, render_scene
+from s2f.demo.render import (
+    ClipVariation,
+    FaceAppearance,
+    render_canonical,
+    render_face,
+    render_scene,
+)
 from s2f.faces import (
     FACE_SIZE,
     MTCNN,
@@ -65,8 +71,9 @@ def _detection_rate(frames: list[np.ndarray], detector: str) -> float:
     start = time.perf_counter()
     found = [len(detect_faces(frame, detector)) >= 1 for frame in frames]
     per_frame = (time.perf_counter() - start) / len(frames)
-    print(f"{detector}: {np.mean(found):.3f} of {len(frames)} faces, {per_frame * 1e3:.0f} ms/frame")
-    return float(np.mean(found))
+    rate = float(np.mean(found))
+    print(f"{detector}: {rate:.3f} of {len(frames)} faces, {per_frame * 1e3:.0f} ms/frame")
+    return rate
 
 
 def test_hog_finds_rendered_faces(frames):
@@ -101,9 +108,9 @@ def _reference_nms(boxes, scores, groups, threshold):
     while order.size:
         best, rest = order[0], order[1:]
         keep.append(best)
-        w = np.clip(np.minimum(b[best, 2], b[rest, 2]) - np.maximum(b[best, 0], b[rest, 0]), 0, None)
-        h = np.clip(np.minimum(b[best, 3], b[rest, 3]) - np.maximum(b[best, 1], b[rest, 1]), 0, None)
-        inter = w * h
+        lo = np.maximum(b[best, :2], b[rest, :2])  # (R, 2)
+        hi = np.minimum(b[best, 2:], b[rest, 2:])
+        inter = np.clip(hi - lo, 0, None).prod(1)
         order = rest[inter / (area[best] + area[rest] - inter) <= threshold]
     return torch.as_tensor(keep, dtype=torch.long)
 
@@ -149,7 +156,10 @@ def test_mtcnn_matches_facenet_reference(facenet_detect_face):
 @pytest.fixture(scope="module")
 def two_faces() -> np.ndarray:
     big = (FaceAppearance(), ClipVariation(center=(0.27, 0.5), scale=0.55, background=3))
-    small = (FaceAppearance(skin_tone=0.8, hair_style=3), ClipVariation(center=(0.75, 0.5), scale=0.40))
+    small = (
+        FaceAppearance(skin_tone=0.8, hair_style=3),
+        ClipVariation(center=(0.75, 0.5), scale=0.40),
+    )
     return render_scene([big, small], size=(240, 480))
 
 

@@ -5,7 +5,13 @@ import time
 import numpy as np
 import pytest
 
-from s2f.demo.render import ClipVariation, FaceAppearance, render_canonical, render_face, render_scene
+from s2f.demo.render import (
+    ClipVariation,
+    FaceAppearance,
+    render_canonical,
+    render_face,
+    render_scene,
+)
 
 GREY_ROW_TOLERANCE = 12  # 8-bit levels: grain is ~2, skin differs from the grey backdrop by more
 

@@ -455,7 +455,8 @@ class _Face:
         _over(p.image, NOSTRIL, _soft(hole, px) * 0.85)
         # the alar crease outlines the nose wing: the strongest cue to nose width
         wing = _ellipse_distance(p.fu, p.fv, cu * 0.78, nose_v - 0.03, 0.09, 0.08)
-        crease = _soft(np.abs(wing) - 0.012, px) * (p.fv > nose_v - 0.1) * (side * p.fu > side * cu * 0.8)
+        outer = (p.fv > nose_v - 0.1) * (side * p.fu > side * cu * 0.8)
+        crease = _soft(np.abs(wing) - 0.012, px) * outer
         _over(p.image, self.skin * 0.45, crease * 0.8)
 
     def _mouth(self) -> None:

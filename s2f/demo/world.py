@@ -1,0 +1,228 @@
+"""Demo world stage: identities -> talking-head clips (H.264 + AAC mp4) and ground truth.
+
+Layout of a world folder:
+
+    videos/<identity id>/clipNN.mp4   one speaker per clip; the folder name is the speaker id
+    manifest.jsonl                    one line per clip: path, identity, clip, ground truth,
+                                      the clip's variation (pose, light, framing)
+    identities.jsonl                  s2f.demo.identity.write_manifest of all identities
+    world.json                        the WorldConfig that made the clips (workers aside)
+
+A clip's audio is the whole utterance s2f.demo.voices makes (4.5-9.5 s); its video is one
+rendered frame held for the audio's duration at a low frame rate, since shard building uses a
+single frame per clip and H.264 cost grows with the frame count.
+
+Determinism: espeak-ng carries synthesis state from one utterance to the next, so a clip's
+samples depend on what the same process synthesised before it. The work unit is therefore one
+identity, all its clips in order, in a process of its own forked from a fork server that never
+synthesises anything: every identity starts from the same pristine state whatever the worker
+count, the scheduling, or what the calling process did before. Resuming an identity re-makes
+the audio of its earlier clips (not their video) to reach the same state for the missing ones.
+mp4 bytes are identical too (x264 and the AAC encoder are deterministic, the muxer writes no
+dates). Files and manifests appear under their final names only once complete (temporary name,
+then rename), so an interrupted run resumes by skipping the clips present.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from s2f.audio import SAMPLE_RATE
+from s2f.demo.identity import Identity, clip_variation, generate_identities, manifest_text
+from s2f.demo.render import ClipVariation, FaceAppearance, render_face
+from s2f.demo.voices import make_voice_clip
+from s2f.video import write_mp4
+
+VIDEOS_DIR = "videos"
+MANIFEST = "manifest.jsonl"
+IDENTITIES = "identities.jsonl"
+CONFIG = "world.json"
+CLIP_SECONDS = 6.0  # s of speech asked of the voice per clip (the model's input length)
+# Pixels: dlib HOG (upsample 1) finds the face in 99.5% of rendered frames at this size, whose
+# detector box spans 28-49% of the frame height (head scale 0.45-0.65 of the frame).
+FRAME_SIZE = (224, 224)  # (H, W)
+FPS = 2.0  # frames per second of the held frame: ~35 ms of H.264 per 6 s clip
+# Imported once by the fork server so each identity's process starts warm (import-only: none of
+# them touches espeak-ng's synthesis state).
+PRELOAD = ("s2f.demo.world", "parselmouth", "scipy.signal", "av")
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """What world to make; `workers` changes the speed, never the files."""
+
+    identities: int = 300
+    clips_per_identity: int = 4
+    seed: int = 0
+    frame_size: tuple[int, int] = FRAME_SIZE  # (H, W) pixels, even for H.264
+    fps: float = FPS
+    clip_seconds: float = CLIP_SECONDS
+    workers: int = 2
+
+    def content(self) -> dict:
+        """The fields that decide the files (all but `workers`), JSON-ready."""
+        fields = asdict(self)
+        del fields["workers"]
+        fields["frame_size"] = list(self.frame_size)
+        return fields
+
+
+def clip_path(identity_id: str, clip_index: int) -> str:
+    """Path of a clip relative to the world folder."""
+    return f"{VIDEOS_DIR}/{identity_id}/clip{clip_index:02d}.mp4"
+
+
+def clip_record(identity: Identity, clip_index: int, seed: int) -> dict:
+    """One manifest line: where the clip is, whose it is, the identity's ground truth (flat,
+    `age_decade` and `speaks_other_language` included) and the clip's variation."""
+    truth = identity.to_dict()
+    del truth["id"]
+    return {
+        **truth,
+        "path": clip_path(identity.id, clip_index),
+        "identity": identity.id,
+        "clip": clip_index,
+        "speaks_other_language": identity.speaks_other_language,
+        "variation": clip_variation(identity, clip_index, seed),
+    }
+
+
+def manifest_lines(identities: list[Identity], config: WorldConfig) -> str:
+    """The world manifest as canonical JSON Lines (sorted keys, no spaces), identity order."""
+    records = (
+        clip_record(identity, clip, config.seed)
+        for identity in identities
+        for clip in range(config.clips_per_identity)
+    )
+    return "".join(json.dumps(r, sort_keys=True, separators=(",", ":")) + "\n" for r in records)
+
+
+def read_world_manifest(out_dir: str | Path) -> list[dict]:
+    """The clip records of a world made by `generate_world`."""
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no world manifest; make the world with generate_world")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def hold_frames(frame: np.ndarray, seconds: float, fps: float) -> np.ndarray:
+    """`frame` (H, W, 3) repeated to cover `seconds` at `fps`: (T, H, W, 3), a view."""
+    count = max(1, math.ceil(seconds * fps))
+    return np.broadcast_to(frame, (count, *frame.shape))
+
+
+def render_clip_frame(identity: Identity, clip_index: int, config: WorldConfig) -> np.ndarray:
+    """The clip's face frame: (H, W, 3) uint8 RGB."""
+    variation = ClipVariation(**clip_variation(identity, clip_index, config.seed))
+    return render_face(FaceAppearance(**identity.appearance), variation, config.frame_size)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write through a temporary name, and not at all when the content is already there (a
+    finished world keeps its files' times)."""
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _check_config(out_dir: Path, config: WorldConfig) -> None:
+    """Record the config; refuse to mix clips of another world into this folder."""
+    path = out_dir / CONFIG
+    wanted = json.dumps(config.content(), sort_keys=True, indent=1) + "\n"
+    if path.is_file() and path.read_text(encoding="utf-8") != wanted:
+        raise ValueError(
+            f"{out_dir} holds a world made with {path.read_text(encoding='utf-8').strip()}, not "
+            f"{wanted.strip()}; give another out_dir or delete the folder"
+        )
+    _write_text(path, wanted)
+
+
+def _missing_clips(out_dir: Path, identity: Identity, clips: int) -> tuple[int, ...]:
+    return tuple(c for c in range(clips) if not (out_dir / clip_path(identity.id, c)).is_file())
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One work unit: an identity and the clips of it still to write."""
+
+    identity: Identity
+    missing: tuple[int, ...]
+    config: WorldConfig
+    out_dir: Path
+
+
+def _run_job(job: _Job) -> int:
+    """Make an identity's clips in order (see the module note on espeak's state); write the
+    missing ones. Runs in a fresh process; returns the number of clips written."""
+    identity, config = job.identity, job.config
+    for clip in range(max(job.missing) + 1):
+        try:
+            audio = make_voice_clip(identity, clip, config.seed, config.clip_seconds)  # (N,)
+            if clip not in job.missing:
+                continue
+            frames = hold_frames(render_clip_frame(identity, clip, config),
+                                 len(audio) / SAMPLE_RATE, config.fps)  # (T, H, W, 3)
+            path = job.out_dir / clip_path(identity.id, clip)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_mp4(path, frames, config.fps, audio, SAMPLE_RATE)
+        except Exception as error:
+            raise RuntimeError(f"demo world: {identity.id} clip {clip} failed: {error}") from error
+    return len(job.missing)
+
+
+def _fork_server() -> multiprocessing.context.BaseContext:
+    """A fork-server context: children fork from a process that never synthesised speech."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        raise RuntimeError(
+            "the demo world needs the 'forkserver' start method for reproducible audio "
+            "(POSIX systems have it); run it on Linux or macOS"
+        )
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(PRELOAD))
+    return context
+
+
+def _run_jobs(jobs: list[_Job], workers: int) -> None:
+    """Each job in its own fresh process, `workers` at a time, with a clips/s progress bar."""
+    total = sum(len(job.missing) for job in jobs)
+    with tqdm(total=total, unit="clip", desc="demo world") as progress:
+        if not jobs:
+            return
+        with _fork_server().Pool(workers, maxtasksperchild=1) as pool:
+            for written in pool.imap_unordered(_run_job, jobs, chunksize=1):
+                progress.update(written)
+
+
+def generate_world(config: WorldConfig, out_dir: str | Path) -> Path:
+    """Make (or finish) the world `config` describes in `out_dir`; returns `out_dir`.
+
+    Clips already present are kept; the manifests are written last, so their presence means
+    the world is complete.
+    """
+    if config.identities < 1 or config.clips_per_identity < 1 or config.workers < 1:
+        raise ValueError(f"{config}: identities, clips_per_identity and workers must be >= 1")
+    if any(side % 2 for side in config.frame_size):
+        raise ValueError(f"frame_size {config.frame_size}: H.264 needs even sides; use e.g. 224")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_config(out_dir, config)
+    identities = generate_identities(config.identities, config.seed)
+    jobs = [
+        _Job(identity, missing, config, out_dir)
+        for identity in identities
+        if (missing := _missing_clips(out_dir, identity, config.clips_per_identity))
+    ]
+    _run_jobs(jobs, config.workers)
+    _write_text(out_dir / IDENTITIES, manifest_text(identities))
+    _write_text(out_dir / MANIFEST, manifest_lines(identities, config))
+    return out_dir
