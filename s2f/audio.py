@@ -131,17 +131,17 @@ def spectrogram(wave: torch.Tensor) -> torch.Tensor:
     """Compressed complex spectrogram: (..., N) samples -> (..., 2, T, 257) float32.
 
     T = (N - 400) // 160 + 1. Channel 0 is the real part, channel 1 the imaginary part, each
-    compressed as sgn(x) * |x|^0.3. Runs on the waveform's device. The FFT runs in float64:
-    |x|^0.3 magnifies float32 rounding near zero ~1000-fold, and the cost is negligible next
-    to the encoder.
+    compressed as sgn(x) * |x|^0.3. Runs on the waveform's device, in float32: the result
+    matches a float64 reference to ~4e-6 in relative (Frobenius) norm; single values near zero
+    differ more (|x|^0.3 magnifies rounding there), up to ~3e-4 of the largest value.
     """
     if wave.shape[-1] < WIN_LENGTH:
         raise ValueError(
             f"spectrogram: need at least {WIN_LENGTH} samples, got {wave.shape[-1]}; "
             "fit the clip to a longer duration first"
         )
-    frames = wave.double().unfold(-1, WIN_LENGTH, HOP_LENGTH)  # (..., T, 400)
-    window = torch.hann_window(WIN_LENGTH, periodic=True, dtype=torch.float64, device=wave.device)
+    frames = wave.float().unfold(-1, WIN_LENGTH, HOP_LENGTH)  # (..., T, 400)
+    window = torch.hann_window(WIN_LENGTH, periodic=True, device=wave.device)
     spectrum = torch.fft.rfft(frames * window, n=N_FFT)  # (..., T, 257) complex
     parts = torch.stack((spectrum.real, spectrum.imag), dim=-3)  # (..., 2, T, 257)
-    return (parts.sign() * parts.abs().pow(COMPRESSION)).float()
+    return parts.sign() * parts.abs().pow(COMPRESSION)

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Install step for the age/gender estimator (s2f/agegender.py) and its JavaScript reference.
+#
+#   .cache/faceapi/model/    age_gender_model-weights_manifest.json + age_gender_model.bin (MIT)
+#   .cache/faceapi/samples/  the sample photos the face-api package ships (demo/sample*.jpg)
+#   .cache/faceapi/node/     node_modules for s2f/faceapi/run_agegender.mjs (exact versions)
+#
+# Everything comes from the npm registry through npm itself; nothing is fetched at run time.
+# Usage: scripts/fetch-faceapi.sh [--no-node]   (--no-node: weights + samples only)
+set -euo pipefail
+
+FACEAPI_VERSION="1.7.15"  # pinned: the architecture in s2f/agegender.py mirrors this release
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${S2F_FACEAPI_CACHE:-$ROOT/.cache/faceapi}"
+MODEL_FILES=(age_gender_model-weights_manifest.json age_gender_model.bin)
+
+with_node=1
+[[ "${1:-}" == "--no-node" ]] && with_node=0
+
+command -v npm >/dev/null || { echo "fetch-faceapi: npm not found; install Node.js 20+ (it ships npm)" >&2; exit 1; }
+
+mkdir -p "$CACHE"
+tmp="$(mktemp -d "$CACHE/.pack.XXXXXX")"
+trap 'rm -rf "$tmp"' EXIT
+
+# npm pack fetches the published tarball without running any install scripts.
+(cd "$tmp" && npm pack --silent "@vladmandic/face-api@$FACEAPI_VERSION" >/dev/null)
+tar -xzf "$tmp"/vladmandic-face-api-"$FACEAPI_VERSION".tgz -C "$tmp"
+
+mkdir -p "$CACHE/model" "$CACHE/samples"
+for f in "${MODEL_FILES[@]}"; do
+  cp "$tmp/package/model/$f" "$CACHE/model/$f"
+done
+cp "$tmp"/package/demo/sample*.jpg "$CACHE/samples/"
+cp "$tmp/package/LICENSE" "$CACHE/LICENSE"
+
+if [[ $with_node == 1 ]]; then
+  # The runner's package.json pins exact versions; install them next to a copy of it.
+  mkdir -p "$CACHE/node"
+  cp "$ROOT/s2f/faceapi/package.json" "$CACHE/node/package.json"
+  (cd "$CACHE/node" && npm install --silent --no-audit --no-fund --ignore-scripts >/dev/null)
+fi
+
+echo "fetch-faceapi: face-api $FACEAPI_VERSION ready in $CACHE"
