@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 EXTRAS ?= test
 
-.PHONY: install test test-fast demo clean
+.PHONY: install test test-fast demo clean faceapi
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: install
 
 test-fast: install
 	WANDB_MODE=offline $(PY) -m pytest -m "not slow and not slurm"
+
+# face-api's AgeGenderNet weights (MIT) and the node runtime for the cross-check, into .cache/faceapi.
+faceapi:
+	bash scripts/fetch-faceapi.sh
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
@@ -140,7 +141,7 @@ class LogConfig(SaveConfigCallback):
     """Writes `config.yaml` into the run directory and hands the resolved config to every logger."""
 
     def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        resolved = self.parser.dump(self.config, skip_none=False, format="json")
+        resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False))  # nested plain dict
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": resolved})
 
@@ -156,7 +157,7 @@ class S2FCLI(LightningCLI):
         return Path(self._get(self.config, "trainer").default_root_dir or DEFAULT_RUN_DIR)
 
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
+        config = self.config.get(str(self.subcommand), self.config)  # run=False: no subcommand
         check_required(config)
         check_paths(self.subcommand, config)
         if self.subcommand == "fit":
@@ -177,6 +178,7 @@ class S2FCLI(LightningCLI):
                 args.save_dir = str(self.run_dir)
             if issubclass(import_target(logger.class_path), WandbLogger):
                 args.offline = bool(args.offline) or run.wandb_offline()
+                args.resume = args.resume or "allow"  # a restart continues the stored run id
                 if args.id is None and args.version is None:
                     # Only global rank 0 creates the W&B run, so only it may mint the id.
                     args.id = run.wandb_id(self.run_dir, create=rank_zero_only.rank == 0)

@@ -168,13 +168,15 @@ class CheckpointPolicy:
         folder = str(run_dir / CHECKPOINTS)
         # Monitoring "step" (max) keeps the newest k files; without a monitor Lightning keeps 1 or all.
         newest = {"dirpath": folder, "monitor": "step", "mode": "max", "auto_insert_metric_name": False}
+        # One callback writes last.ckpt (two would race for the name): the most frequent one.
+        periodic = self.every_n_train_steps > 0
         made = [
             ModelCheckpoint(**newest, filename="epoch{epoch:03d}-step{step:07d}", every_n_epochs=1,
-                            save_top_k=self.keep_epochs, save_on_train_epoch_end=True, save_last=True),
+                            save_top_k=self.keep_epochs, save_on_train_epoch_end=True, save_last=not periodic),
             ModelCheckpoint(dirpath=folder, filename="best-step{step:07d}", monitor=self.monitor,
                             mode=self.mode, save_top_k=1, auto_insert_metric_name=False),
         ]
-        if self.every_n_train_steps:
+        if periodic:
             made.append(ModelCheckpoint(**newest, filename="step{step:07d}", save_top_k=self.keep_steps,
                                         every_n_train_steps=self.every_n_train_steps, save_last=True))
         return made

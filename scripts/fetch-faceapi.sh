@@ -11,13 +11,16 @@ set -euo pipefail
 
 FACEAPI_VERSION="1.7.15"  # pinned: the architecture in s2f/agegender.py mirrors this release
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CACHE="${S2F_FACEAPI_CACHE:-$ROOT/.cache/faceapi}"
+CACHE="$ROOT/.cache/faceapi"  # git-ignored; s2f/agegender.py and the runner look here
 MODEL_FILES=(age_gender_model-weights_manifest.json age_gender_model.bin)
 
 with_node=1
 [[ "${1:-}" == "--no-node" ]] && with_node=0
 
-command -v npm >/dev/null || { echo "fetch-faceapi: npm not found; install Node.js 20+ (it ships npm)" >&2; exit 1; }
+if ! command -v npm >/dev/null; then
+  echo "fetch-faceapi: npm not found; install Node.js 20+ (it ships npm)" >&2
+  exit 1
+fi
 
 mkdir -p "$CACHE"
 tmp="$(mktemp -d "$CACHE/.pack.XXXXXX")"

@@ -19,9 +19,10 @@ import json
 import logging
 import multiprocessing
 import tarfile
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 
 SAMPLES_PER_SHARD = 1000
 MIN_AUDIO_SECONDS = 1.0  # shorter clips are rejected: too short to loop honestly
+SILENCE_RMS = 1e-4  # ~ -80 dBFS: below this the clip carries no voice
+MAX_CENTER_DISTANCE = 0.25  # fraction of the frame diagonal between (x, y) and the chosen face
 FRAME_OFFSET = 0.0  # s after the segment start: AVSpeech's face centre is given there
 JPEG_QUALITY = 90
 BUILD_SETTINGS = "build.json"
@@ -72,6 +75,7 @@ class BuildConfig:
     ratios: tuple[float, float, float] = DEFAULT_RATIOS
     samples_per_shard: int = SAMPLES_PER_SHARD
     min_audio_seconds: float = MIN_AUDIO_SECONDS
+    max_center_distance: float = MAX_CENTER_DISTANCE
     workers: int = 1
     part: int = 0  # this task's part of an array build ...
     parts: int = 1  # ... out of this many
@@ -104,6 +108,8 @@ class BuildSummary:
     written: Counter = field(default_factory=Counter)  # split -> samples written this run
     skipped: int = 0  # items already in complete shards
     failures: list[dict] = field(default_factory=list)
+    stage_seconds: Counter = field(default_factory=Counter)  # stage -> worker seconds spent
+    wall_seconds: float = 0.0
 
 
 # --- the per-item pipeline (worker processes) ------------------------------------------------
@@ -119,32 +125,68 @@ def _teacher(spec: str):
     return _TEACHER[spec]
 
 
-def _decode(item: SourceItem, config: BuildConfig) -> tuple[np.ndarray, np.ndarray, float]:
-    """-> (96,000 samples at 16 kHz, RGB frame (H, W, 3), seconds of real audio)."""
+def _read_video(path: Path, item: SourceItem) -> tuple[np.ndarray, int, np.ndarray]:
+    """-> (audio (C, N), rate, RGB frame) of the item's segment, at most 6 s of audio."""
     from s2f.video import VideoDecodeError, read_segment
 
     end = item.start + SECONDS if item.end is None else min(item.end, item.start + SECONDS)
     try:
-        segment = read_segment(item.path, item.start, end, frame_times=(FRAME_OFFSET,))
+        segment = read_segment(path, item.start, end, frame_times=(FRAME_OFFSET,))
     except VideoDecodeError as error:
         raise ItemFailed(error.stage, error.reason) from error
     if segment.audio is None or segment.audio.size == 0:
         raise ItemFailed("audio", "no audio samples in the segment")
-    mono = torch.from_numpy(segment.audio).float().mean(dim=0)  # (N,)
-    wave = resample(mono, segment.sample_rate, SAMPLE_RATE)
+    return segment.audio, segment.sample_rate, segment.frames[0]
+
+
+def _read_audio_and_image(path: Path, image: Path) -> tuple[np.ndarray, int, np.ndarray]:
+    """An audio file plus a face frame image (sources without video, e.g. VoxCeleb crops)."""
+    from PIL import Image
+
+    from s2f.audio import AudioLoadError, load_audio
+
+    try:
+        wave = load_audio(path)[: int(SECONDS * SAMPLE_RATE)]
+    except AudioLoadError as error:
+        raise ItemFailed("audio", str(error)) from error
+    try:
+        frame = np.asarray(Image.open(image).convert("RGB"))
+    except Exception as error:
+        raise ItemFailed("video", f"{image}: unreadable face image ({error})") from error
+    return wave.numpy()[None], SAMPLE_RATE, frame
+
+
+def _decode(path: Path, item: SourceItem, config: BuildConfig) -> tuple[np.ndarray, np.ndarray, float]:
+    """-> (96,000 samples at 16 kHz, RGB frame (H, W, 3), seconds of real audio)."""
+    if item.image is None:
+        audio, rate, frame = _read_video(path, item)
+    else:
+        audio, rate, frame = _read_audio_and_image(path, item.image)
+    mono = torch.from_numpy(audio).float().mean(dim=0)  # (N,)
+    wave = resample(mono, rate, SAMPLE_RATE)
     seconds = wave.shape[0] / SAMPLE_RATE
     if seconds < config.min_audio_seconds:
         raise ItemFailed("audio", f"{seconds:.2f} s of audio, under the {config.min_audio_seconds} s minimum")
-    return fit_duration(wave).numpy(), segment.frames[0], seconds
+    if wave.pow(2).mean().sqrt() < SILENCE_RMS:
+        raise ItemFailed("audio", "silent audio (RMS under -80 dBFS)")
+    return fit_duration(wave).numpy(), frame, seconds
 
 
-def _face(frame: np.ndarray, item: SourceItem, detector: str):
+def _face(frame: np.ndarray, item: SourceItem, config: BuildConfig):
     from s2f.faces import NoFaceError, extract_face
 
     try:
-        return extract_face(frame, detector, item.center_xy)
+        face = extract_face(frame, config.detector, item.center_xy)
     except NoFaceError as error:
         raise ItemFailed("face", str(error)) from error
+    if item.center_xy is not None:
+        h, w = frame.shape[:2]
+        dx, dy = face.box.centre[0] - item.center_xy[0] * w, face.box.centre[1] - item.center_xy[1] * h
+        distance = (dx**2 + dy**2) ** 0.5 / (h**2 + w**2) ** 0.5
+        if distance > config.max_center_distance:
+            raise ItemFailed("face", f"nearest face is {distance:.2f} frame diagonals from the "
+                                     f"speaker's (x, y) {item.center_xy}; the speaker is not in view")
+    return face
 
 
 def _jpeg(crop: np.ndarray) -> bytes:
@@ -155,37 +197,65 @@ def _jpeg(crop: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def make_sample(item: SourceItem, config: BuildConfig) -> dict:
-    """The encoded WebDataset sample of one item; raises ItemFailed."""
-    wave, frame, seconds = _decode(item, config)
-    face = _face(frame, item, config.detector)
+class StageClock:
+    """Seconds spent per stage of one item."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._last
+        self._last = now
+
+
+def _teacher_feature(crop: np.ndarray, spec: str) -> tuple[np.ndarray, str]:
     try:
-        teacher = _teacher(config.teacher)
-        fc7 = teacher.features(face.crop[None])[0]  # (D,)
+        teacher = _teacher(spec)
+        return teacher.features(crop[None])[0], teacher.name  # (D,)
     except Exception as error:
         raise ItemFailed("teacher", f"{type(error).__name__}: {error}") from error
+
+
+def make_sample(item: SourceItem, config: BuildConfig, clock: StageClock) -> dict:
+    """The encoded WebDataset sample of one item; raises ItemFailed."""
+    if item.fetcher is not None:
+        path, offset = item.fetcher.fetch(item)
+        end = None if item.end is None else item.end - offset
+        item = replace(item, path=path, start=item.start - offset, end=end)
+    clock.lap("download")
+    wave, frame, seconds = _decode(item.path, item, config)
+    clock.lap("decode")
+    face = _face(frame, item, config)
+    clock.lap("face")
+    fc7, teacher_name = _teacher_feature(face.crop, config.teacher)
+    clock.lap("teacher")
     meta = {
         **item.meta, "key": item.key, "speaker": item.speaker, "start": item.start, "end": item.end,
         "audio_seconds": round(seconds, 3), "face_box": [round(v, 1) for v in
         (face.box.left, face.box.top, face.box.right, face.box.bottom)],
-        "faces_found": face.num_faces, "teacher": teacher.name, "detector": config.detector,
+        "faces_found": face.num_faces, "teacher": teacher_name, "detector": config.detector,
     }  # fmt: skip
     payload = {"wave": wave} if config.payload == "audio" else {
         "spec": spectrogram(torch.from_numpy(wave)).numpy()}  # fmt: skip
-    return encode_sample(item.key, fc7, meta, face_jpg=_jpeg(face.crop), **payload)
+    sample = encode_sample(item.key, fc7, meta, face_jpg=_jpeg(face.crop), **payload)
+    clock.lap("encode")
+    return sample
 
 
-def process_item(job: tuple[SourceItem, BuildConfig]) -> tuple[str, str, dict]:
-    """-> ("ok", split, sample) or ("failed", split, failure record). Never raises."""
+def process_item(job: tuple[SourceItem, BuildConfig]) -> tuple[str, str, dict, dict]:
+    """-> (status "ok" | "failed", split, sample or failure record, stage seconds). Never raises."""
     item, config = job
-    split = split_of(item.speaker, config.ratios)
+    split = item.split or split_of(item.speaker, config.ratios)
+    clock = StageClock()
     try:
-        return "ok", split, make_sample(item, config)
+        return "ok", split, make_sample(item, config, clock), clock.seconds
     except ItemFailed as error:
-        return "failed", split, {"item": item.key, "stage": error.stage, "reason": error.reason}
+        record = {"item": item.key, "stage": error.stage, "reason": error.reason}
     except Exception as error:  # a bug or an unforeseen input must not stop the build
-        reason = f"{type(error).__name__}: {error}"
-        return "failed", split, {"item": item.key, "stage": "unexpected", "reason": reason}
+        record = {"item": item.key, "stage": "unexpected", "reason": f"{type(error).__name__}: {error}"}
+    return "failed", split, record, clock.seconds
 
 
 # --- shard bookkeeping -----------------------------------------------------------------------
@@ -277,7 +347,7 @@ def _prepare(out: Path, config: BuildConfig) -> set[str]:
     return done
 
 
-def _results(todo: list[SourceItem], config: BuildConfig) -> Iterator[tuple[str, str, dict]]:
+def _results(todo: list[SourceItem], config: BuildConfig) -> Iterator[tuple[str, str, dict, dict]]:
     jobs = ((item, config) for item in todo)
     if config.workers <= 1:
         yield from map(process_item, jobs)
@@ -311,8 +381,10 @@ def build_shards(items: Iterable[SourceItem], config: BuildConfig) -> BuildSumma
     summary = BuildSummary(skipped=len(mine) - len(todo))
     writers = {s: SplitWriter(out / s, config.shard_prefix, config.samples_per_shard) for s in SPLITS}
     progress = tqdm(total=len(todo), unit="clip", desc=f"shards {out.name}", dynamic_ncols=True)
+    started = time.perf_counter()
     try:
-        for status, split, record in _results(todo, config):
+        for status, split, record, seconds in _results(todo, config):
+            summary.stage_seconds.update(seconds)
             if status == "ok":
                 writers[split].write(record)
                 summary.written[split] += 1
@@ -325,6 +397,7 @@ def build_shards(items: Iterable[SourceItem], config: BuildConfig) -> BuildSumma
         progress.close()
         for writer in writers.values():
             writer.close()
+    summary.wall_seconds = time.perf_counter() - started
     _write_failures(out, config, [dict(f) for f in summary.failures])
     if config.parts == 1:
         merge(out)

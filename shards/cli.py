@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 from collections import Counter
 from pathlib import Path
 
@@ -34,8 +35,15 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--ratios", type=_ratios, default=DEFAULT_RATIOS)
     build.add_argument("--samples-per-shard", type=int, default=1000)
     build.add_argument("--min-audio-seconds", type=float, default=1.0)
+    build.add_argument("--max-center-distance", type=float, default=0.25,
+                       help="reject a face farther than this (frame diagonals) from the source's (x, y)")
     build.add_argument("--part", type=int, default=0, help="this array task's part")
     build.add_argument("--parts", type=int, default=1, help="number of array tasks")
+    build.add_argument("--cache-dir", help="avspeech: where downloads are cached")
+    build.add_argument("--download-command",
+                       help="avspeech: replaces yt-dlp; a command with {url} {id} {out} [{start} {end}]")
+    build.add_argument("--no-official-test", action="store_true",
+                       help="voxceleb: hash VoxCeleb1's official test identities like the others")
     merge_cmd = commands.add_parser("merge", help="write split indexes from an array build's parts")
     merge_cmd.add_argument("out")
     inspect = commands.add_parser("inspect", help="per-split counts, sizes, teacher, failures")
@@ -43,17 +51,36 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _source_options(args: argparse.Namespace) -> dict:
+    if args.kind == "avspeech":
+        command = tuple(shlex.split(args.download_command)) if args.download_command else None
+        return {"cache_dir": args.cache_dir, "command": command}
+    if args.kind == "voxceleb":
+        return {"official_test": not args.no_official_test}
+    return {}
+
+
 def _build(args: argparse.Namespace) -> None:
     config = BuildConfig(
         out=args.out, teacher=args.teacher, payload=args.payload, detector=args.detector,
         ratios=args.ratios, samples_per_shard=args.samples_per_shard,
-        min_audio_seconds=args.min_audio_seconds, workers=args.workers, part=args.part, parts=args.parts,
+        min_audio_seconds=args.min_audio_seconds, max_center_distance=args.max_center_distance,
+        workers=args.workers, part=args.part, parts=args.parts,
     )  # fmt: skip
-    summary = build_shards(source_items(args.kind, args.source), config)
+    summary = build_shards(source_items(args.kind, args.source, **_source_options(args)), config)
     written = ", ".join(f"{s} {summary.written[s]}" for s in SPLITS)
     print(f"wrote {written}; skipped {summary.skipped} already built; failed {len(summary.failures)}")
+    print(stage_text(summary.stage_seconds, summary.wall_seconds, sum(summary.written.values())))
     if args.parts == 1:
         print(inspect_text(Path(args.out)))
+
+
+def stage_text(stage_seconds: dict, wall_seconds: float, clips: int) -> str:
+    """Clips/s and each stage's share of the workers' time."""
+    total = sum(stage_seconds.values()) or 1.0
+    shares = ", ".join(f"{s} {100 * t / total:.0f}%" for s, t in sorted(stage_seconds.items(), key=lambda x: -x[1]))
+    rate = clips / wall_seconds if wall_seconds else 0.0
+    return f"{rate:.2f} clips/s over {wall_seconds:.1f} s; worker time by stage: {shares}"
 
 
 def inspect_text(out: Path) -> str:

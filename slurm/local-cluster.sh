@@ -22,6 +22,8 @@
 #   S2F_SLURM_PARTITION   partition name                             [debug]
 #   S2F_SLURM_MEM_MARGIN  MiB of memory kept back from Slurm         [max(1024, 5% of RAM)]
 #   S2F_SLURM_TIMEOUT     seconds to wait for the node to come up    [60]
+#   S2F_SLURM_CRED_EXPIRE job credential lifetime, seconds; Slurm also holds a requeued job
+#                         back this long before it may start again   [20] (Slurm's default: 120)
 #
 # Installing needs root (apt-get, Debian/Ubuntu packages slurmctld slurmd slurm-client munge);
 # running slurmd needs root too, because it launches jobs as the submitting user.
@@ -35,6 +37,7 @@ CTLD_PORT=${S2F_SLURMCTLD_PORT:-6817}
 SLURMD_PORT=${S2F_SLURMD_PORT:-6818}
 PARTITION=${S2F_SLURM_PARTITION:-debug}
 WAIT_S=${S2F_SLURM_TIMEOUT:-60}
+CRED_EXPIRE=${S2F_SLURM_CRED_EXPIRE:-20}
 
 CONF=$SLURM_DIR/slurm.conf
 LOG_DIR=$SLURM_DIR/log
@@ -135,9 +138,10 @@ SlurmdPort=$SLURMD_PORT
 SlurmUser=root
 SlurmdUser=root
 # Our own munged on our own socket, so a system munge daemon (or none) does not matter.
+# cred_expire also delays a requeued job's restart (120 s by default); one node launches fast.
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$MUNGE_SOCKET
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=$CRED_EXPIRE
 StateSaveLocation=$SLURM_DIR/state/slurmctld
 SlurmdSpoolDir=$SLURM_DIR/state/slurmd
 SlurmctldPidFile=$(pid_file slurmctld)
@@ -158,6 +162,8 @@ MpiDefault=none
 # No mail server here; the default mail program is missing and slurmctld complains about it.
 MailProg=/bin/true
 SchedulerType=sched/backfill
+# Look at the queue every few seconds, so a requeued job starts soon after it becomes eligible.
+SchedulerParameters=sched_interval=5,bf_interval=5
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 # Preemption/auto-requeue: 'scontrol requeue' from the training processes puts the job back.
@@ -258,7 +264,7 @@ cancel_jobs() {
   local ids
   ids=$(SLURM_CONF=$CONF squeue --noheader --format=%i 2>/dev/null || true)
   [[ -n $ids ]] || return 0
-  log "cancelling jobs: $(echo $ids)"
+  log "cancelling jobs: ${ids//$'\n'/ }"
   # shellcheck disable=SC2086  # one id per word
   SLURM_CONF=$CONF scancel $ids || true
   local deadline=$((SECONDS + 40))

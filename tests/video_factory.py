@@ -13,9 +13,9 @@ FPS = 5
 SIZE = (160, 160)  # (H, W)
 
 
-def write_mp4(path: Path, frames, fps, audio) -> Path:
+def write_mp4(path: Path, frames, fps, audio, **options) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    return _write_mp4(path, frames, fps, audio)
+    return _write_mp4(path, frames, fps, audio, **options)
 
 
 def voice(seconds: float, f0: float, rate: int = 16_000, seed: int = 0) -> np.ndarray:
@@ -36,18 +36,30 @@ def appearance(seed: int) -> FaceAppearance:
     )  # fmt: skip
 
 
-def face_video(path: Path, speaker_seed: int, clip: int, seconds: float = 2.0, audio=True) -> Path:
-    frame = render_face(appearance(speaker_seed), ClipVariation(yaw_deg=3 * clip, background=clip), SIZE)
-    frames = np.repeat(frame[None], int(seconds * FPS), axis=0)  # (T, H, W, 3)
-    wave = voice(seconds, 100 + 10 * speaker_seed, seed=clip) if audio else None
-    return write_mp4(path, frames, FPS, wave)
+def face_frame(speaker_seed: int, clip: int = 0, size: tuple[int, int] = SIZE) -> np.ndarray:
+    return render_face(appearance(speaker_seed), ClipVariation(yaw_deg=3 * clip, background=clip), size)
+
+
+def face_video(
+    path: Path, speaker_seed: int, clip: int, seconds: float = 2.0, audio=True, rate: int = 16_000,
+    channels: int = 1, size: tuple[int, int] = SIZE, fps: float = FPS, **options,
+) -> Path:
+    frames = np.repeat(face_frame(speaker_seed, clip, size)[None], int(seconds * fps), axis=0)  # (T, H, W, 3)
+    wave = None
+    if audio:
+        mono = voice(seconds, 100 + 10 * speaker_seed, rate, seed=clip)
+        wave = np.stack([mono, 0.5 * mono]) if channels == 2 else mono  # (C, N) or (N,)
+    return write_mp4(path, frames, fps, wave, sample_rate=rate, **options)
+
+
+def two_face_frame() -> np.ndarray:
+    left = (appearance(101), ClipVariation(scale=0.4, center=(0.27, 0.5), background=1))
+    right = (appearance(102), ClipVariation(scale=0.4, center=(0.73, 0.5)))
+    return render_scene([left, right], (160, 320))
 
 
 def two_face_video(path: Path, seconds: float = 2.0) -> Path:
-    left = (appearance(101), ClipVariation(scale=0.4, center=(0.27, 0.5), background=1))
-    right = (appearance(102), ClipVariation(scale=0.4, center=(0.73, 0.5)))
-    frame = render_scene([left, right], (160, 320))
-    frames = np.repeat(frame[None], int(seconds * FPS), axis=0)
+    frames = np.repeat(two_face_frame()[None], int(seconds * FPS), axis=0)
     return write_mp4(path, frames, FPS, voice(seconds, 150))
 
 

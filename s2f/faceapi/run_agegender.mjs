@@ -3,9 +3,9 @@
 //   node s2f/faceapi/run_agegender.mjs [--node-dir DIR] [--model-dir DIR] IMAGE...
 //
 // IMAGE is an already cropped face: .npy (uint8, H x W x 3 RGB, C order) or .jpg/.jpeg (jpeg-js).
-// The .npy form lets s2f hand the exact pixels it uses itself, so no two JPEG decoders are compared.
+// The .npy form hands over the exact pixels s2f itself uses: no two JPEG decoders are compared.
 // Detection is skipped: predictAgeAndGender runs on the whole image, as s2f.agegender.predict does.
-// Output per image: {"path", "age", "gender", "genderProbability", "probMale"}.
+// Output per image: {"path", "age", "gender", "genderProbability", "probMale", "backend"}.
 // Installed by scripts/fetch-faceapi.sh into .cache/faceapi/ (node_modules + weights).
 import fs from 'node:fs';
 import path from 'node:path';
@@ -18,6 +18,7 @@ const DEFAULT_NODE_DIR = path.join(CACHE, 'node');
 const DEFAULT_MODEL_DIR = path.join(CACHE, 'model');
 const FIX = 'run scripts/fetch-faceapi.sh';
 const NPY_MAGIC = '\x93NUMPY';
+const MANIFEST = 'age_gender_model-weights_manifest.json';
 
 function parseArgs(argv) {
   const args = { nodeDir: DEFAULT_NODE_DIR, modelDir: DEFAULT_MODEL_DIR, images: [] };
@@ -26,7 +27,9 @@ function parseArgs(argv) {
     else if (argv[i] === '--model-dir') args.modelDir = argv[++i];
     else args.images.push(argv[i]);
   }
-  if (!args.images.length) throw new Error('run_agegender: no images given; pass .npy or .jpg face crops');
+  if (!args.images.length) {
+    throw new Error('run_agegender: no images given; pass .npy or .jpg face crops');
+  }
   return args;
 }
 
@@ -57,11 +60,16 @@ function readNpy(file) {
   const start = (major === 1 ? 10 : 12);
   const header = buf.toString('latin1', start, start + headerLen);
   if (!/'descr':\s*'\|u1'/.test(header) || /'fortran_order':\s*True/.test(header)) {
-    throw new Error(`${file}: expected a uint8 C-order array; save with np.save(path, np.ascontiguousarray(img, np.uint8))`);
+    throw new Error(`${file}: expected a uint8 C-order array; `
+      + 'save it with np.save(path, np.ascontiguousarray(img, np.uint8))');
   }
-  const shape = header.match(/'shape':\s*\(([^)]*)\)/)[1].split(',').filter((s) => s.trim()).map(Number);
-  if (shape.length !== 3 || shape[2] !== 3) throw new Error(`${file}: shape (${shape}) is not (H, W, 3)`);
-  return { data: new Int32Array(buf.subarray(start + headerLen)), height: shape[0], width: shape[1] };
+  const dims = header.match(/'shape':\s*\(([^)]*)\)/)[1].split(',');
+  const shape = dims.filter((s) => s.trim()).map(Number);
+  if (shape.length !== 3 || shape[2] !== 3) {
+    throw new Error(`${file}: shape (${shape}) is not (H, W, 3)`);
+  }
+  const data = new Int32Array(buf.subarray(start + headerLen));
+  return { data, height: shape[0], width: shape[1] };
 }
 
 function readJpeg(file, jpeg) {
@@ -75,7 +83,7 @@ function readImage(file, pkgs) {
   let img;
   if (ext === '.npy') img = readNpy(file);
   else if (ext === '.jpg' || ext === '.jpeg') img = readJpeg(file, pkgs.jpeg);
-  else throw new Error(`${file}: unsupported image type ${ext}; pass .npy (uint8 HxWx3) or .jpg`);
+  else throw new Error(`${file}: type ${ext} unsupported; pass .npy or .jpg`);
   return pkgs.tf.tensor3d(img.data, [img.height, img.width, 3], 'int32');
 }
 
@@ -85,8 +93,8 @@ async function main() {
   pkgs.wasm.setWasmPaths(pkgs.wasmDir);
   await pkgs.tf.setBackend('wasm');
   await pkgs.tf.ready();
-  if (!fs.existsSync(path.join(args.modelDir, 'age_gender_model-weights_manifest.json'))) {
-    throw new Error(`run_agegender: ${args.modelDir} has no age_gender_model-weights_manifest.json; ${FIX}`);
+  if (!fs.existsSync(path.join(args.modelDir, MANIFEST))) {
+    throw new Error(`run_agegender: ${args.modelDir} has no ${MANIFEST}; ${FIX}`);
   }
   await pkgs.faceapi.nets.ageGenderNet.loadFromDisk(args.modelDir);
   for (const file of args.images) {
@@ -94,7 +102,15 @@ async function main() {
     const res = await pkgs.faceapi.nets.ageGenderNet.predictAgeAndGender(tensor);
     tensor.dispose();
     const probMale = res.gender === 'male' ? res.genderProbability : 1 - res.genderProbability;
-    process.stdout.write(`${JSON.stringify({ path: file, age: res.age, gender: res.gender, genderProbability: res.genderProbability, probMale })}\n`);
+    const line = {
+      path: file,
+      age: res.age,
+      gender: res.gender,
+      genderProbability: res.genderProbability,
+      probMale,
+      backend: pkgs.tf.getBackend(),
+    };
+    process.stdout.write(`${JSON.stringify(line)}\n`);
   }
 }
 

@@ -10,21 +10,34 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
+from typing import Protocol
 
 # kind -> "module:function"; imported on use so a source's extras are only needed when used.
 SOURCES = {
     "videos": "shards.sources.videos:video_folder_items",
     "demo": "shards.sources.videos:demo_world_items",
+    "avspeech": "shards.sources.avspeech:avspeech_items",
+    "voxceleb": "shards.sources.voxceleb:voxceleb_items",
 }
+
+
+class Fetcher(Protocol):
+    """Makes an item's media local (a download, a copy from an object store); picklable."""
+
+    def fetch(self, item: "SourceItem") -> tuple[Path, float]:
+        """(local media file, the time in it where the item's time 0 lies: a section download
+        starts at the section's start). Raises shards.build.ItemFailed("download", reason)."""
 
 
 @dataclass(frozen=True)
 class SourceItem:
     """One clip to turn into a sample.
 
-    `key` is the schema key `<source>/<speaker>/<clip>`; `start`/`end` the segment in seconds
-    (end None: to the end of the file); `center_xy` the speaker's face centre, normalised
-    (x, y), when the source knows it; `meta` goes into the sample's json (attributes etc.).
+    `key` is the schema key `<source>/<speaker>/<clip>`; `path` the video (or, with `image`,
+    the audio) file; `start`/`end` the segment in seconds (end None: to the end of the file);
+    `center_xy` the speaker's face centre, normalised (x, y), when the source knows it;
+    `image` a face frame to use instead of a video frame; `split` forces the split (official
+    test identities); `fetcher` makes `path` local first; `meta` goes into the sample's json.
     """
 
     key: str
@@ -33,6 +46,9 @@ class SourceItem:
     start: float = 0.0
     end: float | None = None
     center_xy: tuple[float, float] | None = None
+    image: Path | None = None
+    split: str | None = None
+    fetcher: Fetcher | None = None
     meta: dict = field(default_factory=dict)
 
 

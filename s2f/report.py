@@ -1,0 +1,390 @@
+"""Evaluation report: metrics.json (+ the media `s2f.evaluate` collects) -> one HTML file.
+
+The file is self-contained: figures are base64 PNGs drawn with matplotlib's Agg backend, faces are
+the shards' own face.jpg bytes inlined as base64 JPEGs. Section ids: summary, similarity,
+retrieval, identity, matching, attributes, groups, grids, tsne, ethics.
+
+`media` (from `s2f.evaluate.media`):
+- angles: {duration: (N,) angles in degrees};
+- grid: {duration, rows: [{query, faces: [{key, jpeg (bytes or None), true}]}]}, faces[0] being
+  the true face and the rest the retrieved ones, best first;
+- embedding: {duration, v_s (P, D), labels: {attribute: (P,) labels, None where unknown}}.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SECTIONS = {
+    "summary": "Summary",
+    "similarity": "Feature similarity",
+    "retrieval": "Face retrieval",
+    "identity": "Identity retrieval",
+    "matching": "1:2 matching",
+    "attributes": "Attribute agreement",
+    "groups": "Results by group",
+    "grids": "Retrieval examples",
+    "tsne": "t-SNE of predicted features",
+    "ethics": "What this measures, and what it does not",
+}
+# The paper's test results (SPEC 7): recall@K in % (cosine, 5,000-face AVSpeech gallery) and mean
+# angle in degrees, per input duration.
+PAPER_RECALL = {"6s": {1: 10.92, 2: 17.00, 5: 30.60, 10: 45.82}, "3s": {1: 8.54, 2: 13.64, 5: 24.80, 10: 38.54}}
+PAPER_ANGLE = {"6s": 45.75, "3s": 48.43}
+AGREEMENTS = {  # attribute_agreement key -> what it compares
+    "truth_vs_reference": "truth vs read from true face (upper bound)",
+    "truth_vs_prediction": "truth vs read from v_s",
+    "reference_vs_prediction": "read from true face vs from v_s",
+}
+TSNE_SEED = 0  # t-SNE random_state: the same features give the same picture
+TSNE_PERPLEXITY = 30.0
+DPI = 90
+STYLE = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.6em 0 1.2em}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th:first-child,td:first-child{text-align:left}caption{text-align:left;font-weight:600;padding:.3em 0}
+.note{color:#555;font-size:.92em}.ci{color:#777;font-size:.85em}
+.grid img{width:96px;height:96px;border:4px solid transparent;margin:1px}.grid img.true{border-color:#1a9850}
+.grid td{text-align:center;font-size:.8em}
+"""
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
+def _ci(ci: Sequence[float] | None) -> str:
+    return "" if ci is None else f' <span class="ci">[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]</span>'
+
+
+def _value(entry: Mapping[str, Any] | None) -> str:
+    """A {value, ci} entry as "12.34 [10.1, 14.6]" (percent)."""
+    return "–" if entry is None else _pct(entry["value"]) + _ci(entry.get("ci"))
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]], caption: str = "") -> str:
+    """Cells are HTML already; the header is escaped."""
+    top = "".join(f"<th>{_e(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    cap = f"<caption>{_e(caption)}</caption>" if caption else ""
+    return f"<table>{cap}<tr>{top}</tr>{body}</table>"
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{text}</p>'
+
+
+def _data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def _figure(fig) -> str:
+    """An <img> of a matplotlib figure (PNG, inlined); closes the figure."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return f'<img src="{_data_uri(buffer.getvalue(), "image/png")}" alt="figure">'
+
+
+def _pyplot():
+    """pyplot on the Agg backend (no display needed), or an error naming the extra."""
+    try:
+        import matplotlib
+    except ImportError as error:  # pragma: no cover - depends on the install
+        raise ImportError("the report needs matplotlib: pip install 's2f[report]'") from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _ks(recall: Mapping[str, Any]) -> list[int]:
+    """The k of every "recall@k" key, ascending."""
+    return sorted(int(name.split("@")[1]) for name in recall if name.startswith("recall@"))
+
+
+def _durations(metrics: Mapping[str, Any]) -> list[str]:
+    return list(metrics["config"]["durations"])
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def summary(metrics: Mapping[str, Any]) -> str:
+    config, data = metrics["config"], metrics["data"]
+    rows = []
+    for label in _durations(metrics):
+        r = metrics["retrieval"][label]
+        oracle = metrics.get("oracle", {}).get("ratio", {}).get(label, {}).get("cosine", {})
+        match = metrics["matching"]["random"]["durations"][label]["cosine"]
+        rows.append([
+            _e(label), f"{metrics['similarity'][label]['angle_mean']:.2f}",
+            *[_pct(r["cosine"][f"recall@{k}"]["value"]) + f' <span class="ci">(chance {_pct(r["chance"][f"recall@{k}"])})</span>'
+              for k in (1, 10)],
+            _pct(oracle.get("recall@10")), _pct(match["accuracy"]),
+        ])
+    head = ["input", "mean angle (deg)", "R@1 % (cosine)", "R@10 %", "R@10 / oracle %", "1:2 matching %"]
+    skipped = len(data["skipped"])
+    facts = (f"Checkpoint <code>{_e(config['checkpoint'])}</code> on <code>{_e(config['shards'])}</code>: "
+             f"{data['items']} clips of {data['speakers']} speakers ({skipped} bad samples skipped); "
+             f"retrieval gallery of {metrics['retrieval'][_durations(metrics)[0]]['gallery_size']} faces, seed {config['seed']}.")
+    return f"<p>{facts}</p>" + _table(head, rows)
+
+
+def similarity(metrics: Mapping[str, Any], angles: Mapping[str, np.ndarray]) -> str:
+    rows = [
+        [_e(label), f"{s['angle_mean']:.2f} ± {s['angle_std']:.2f}", f"{s['l1_mean']:.3g} ± {s['l1_std']:.3g}",
+         f"{s['l2_mean']:.3g} ± {s['l2_std']:.3g}", f"{PAPER_ANGLE[label]:.2f}" if label in PAPER_ANGLE else "–"]
+        for label, s in ((label, metrics["similarity"][label]) for label in _durations(metrics))
+    ]
+    table = _table(["input", "angle (deg)", "L1", "L2", "paper angle (deg)"], rows,
+                   "v_s against the true face's feature v_f, mean ± std over all clips")
+    return table + (_angle_histogram(angles) if angles else "")
+
+
+def _angle_histogram(angles: Mapping[str, np.ndarray]) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for label, values in angles.items():
+        ax.hist(values, bins=40, range=(0, 180), alpha=0.5, label=label)
+    ax.set_xlabel("angle between v_s and v_f (degrees)")
+    ax.set_ylabel("clips")
+    ax.legend()
+    return _figure(fig)
+
+
+def retrieval(metrics: Mapping[str, Any]) -> str:
+    oracle = metrics.get("oracle")
+    parts = []
+    for label in _durations(metrics):
+        result = metrics["retrieval"][label]
+        ks = _ks(result["chance"])
+        rows = [[_e(metric), *[_value(result[metric][f"recall@{k}"]) for k in ks]] for metric in ("cosine", "l2", "l1")]
+        rows.append(["chance (K / gallery)", *[_pct(result["chance"][f"recall@{k}"]) for k in ks]])
+        if oracle:
+            rows.append(["oracle (true attributes)", *[_value(oracle["recall"].get(f"recall@{k}")) for k in ks]])
+            ratio = oracle["ratio"][label]
+            rows += [[f"{_e(metric)} / oracle", *[_pct(ratio[metric].get(f"recall@{k}")) for k in ks]]
+                     for metric in ("cosine", "l2", "l1")]
+        if label in PAPER_RECALL:
+            rows.append(["paper (cosine)", *[f"{PAPER_RECALL[label][k]:.2f}" if k in PAPER_RECALL[label] else "–" for k in ks]])
+        caption = f"{label} input, recall@K % over a gallery of {result['gallery_size']} faces [95% bootstrap CI]"
+        parts.append(_table(["", *[f"R@{k}" for k in ks]], rows, caption))
+    notes = [
+        "Query: v_s of one clip; gallery: the true-face features v_f of the sampled clips; a query's own "
+        "clip is its only match, ties count against the model.",
+        "The paper's numbers come from a 5,000-face AVSpeech gallery: compare with the chance row of "
+        "this gallery, not directly.",
+    ]
+    if oracle:
+        notes.append(
+            f"The oracle ranks the gallery by the true attributes ({_e(', '.join(oracle['fields']))}) of "
+            "the query's speaker against each face's, ties broken at random: the best a model can do from "
+            "what the voice carries in this world. Clips of one speaker share these attributes, so even "
+            "the oracle cannot tell them apart.")
+    return "".join(parts) + "".join(_note(n) for n in notes)
+
+
+def identity(metrics: Mapping[str, Any]) -> str:
+    parts = []
+    for label in _durations(metrics):
+        result = metrics["identity_retrieval"][label]
+        ks = _ks(result["chance"])
+        rows = [[_e(metric), *[_value(result[metric][f"recall@{k}"]) for k in ks]] for metric in ("cosine", "l2", "l1")]
+        rows.append(["chance (this gallery)", *[_pct(result["chance"][f"recall@{k}"]) for k in ks]])
+        parts.append(_table(["", *[f"R@{k}" for k in ks]], rows, f"{label} input, recall@K % [95% bootstrap CI]"))
+    note = ("Any face of the query's speaker in the top K is a hit. Chance depends on how many clips "
+            "of each speaker the gallery holds.")
+    return "".join(parts) + _note(note)
+
+
+def matching(metrics: Mapping[str, Any]) -> str:
+    rows = []
+    for kind, result in sorted(metrics["matching"].items()):
+        for label, by_metric in result["durations"].items():
+            rows += [[_e(kind.replace("_", "-")), _e(label), _e(metric), _pct(r["accuracy"]) + _ci(r["ci"]),
+                      str(result["n_tuples"])] for metric, r in by_metric.items()]
+    note = ("Each trial: one voice, its true face and a face of another speaker (of the same gender "
+            "for same-gender pairs); correct when the true face scores strictly higher. Chance is 50 %; "
+            "95 % Wilson intervals. The trials are fixed in tuples*.json so runs are comparable.")
+    return _table(["pairs", "input", "metric", "accuracy %", "trials"], rows) + _note(note)
+
+
+def attributes(metrics: Mapping[str, Any]) -> str:
+    parts = []
+    for reader, result in sorted(metrics["attributes"].items()):
+        parts.append(f"<h3>Reader: {_e(reader)}</h3>")
+        if "skipped" in result:
+            parts.append(_note(f"Not run: {_e(result['skipped'])}"))
+            continue
+        parts += [_attribute(name, entry) for name, entry in sorted(result.items())]
+    note = ("Reader linear_probe: a linear classifier per attribute fitted on the teacher features of "
+            "training faces, applied to the true face's feature (reference) and to v_s (prediction); "
+            "rows are row-normalised (each true or reference class sums to 1), as in the paper's "
+            "Face++ confusions.")
+    return "".join(parts) + _note(note)
+
+
+def _attribute(name: str, entry: Mapping[str, Any]) -> str:
+    rows, figures = [], []
+    for label, agreement in entry["durations"].items():
+        kinds = [k for k in AGREEMENTS if k in agreement]
+        rows += [[_e(label), _e(AGREEMENTS[k]), _pct(agreement[k]["accuracy"]), str(agreement[k]["n"])] for k in kinds]
+        figures.append(_confusions(f"{name}, {label}", agreement["classes"], {k: agreement[k] for k in kinds}))
+    caption = f"{name}: agreement (trained on {entry.get('n_train', '?')} faces)"
+    return _table(["input", "comparison", "accuracy %", "n"], rows, caption) + "".join(figures)
+
+
+def _confusions(title: str, classes: Sequence[str], agreements: Mapping[str, Mapping]) -> str:
+    plt = _pyplot()
+    size = 1.2 + 0.45 * len(classes)
+    fig, axes = plt.subplots(1, len(agreements), figsize=(size * len(agreements), size), squeeze=False)
+    for ax, (kind, agreement) in zip(axes[0], agreements.items()):
+        matrix = np.asarray(agreement["row_normalised"])  # (C, C)
+        ax.imshow(matrix, vmin=0, vmax=1, cmap="Blues")
+        for (i, j), value in np.ndenumerate(matrix):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if value > 0.6 else "black")
+        rows_are, cols_are = kind.split("_vs_")
+        ax.set(title=AGREEMENTS[kind], xlabel=cols_are, ylabel=rows_are,
+               xticks=range(len(classes)), yticks=range(len(classes)))
+        ax.set_xticklabels(classes, rotation=45, ha="right", fontsize=7)
+        ax.set_yticklabels(classes, fontsize=7)
+        ax.title.set_fontsize(8)
+    fig.suptitle(title, fontsize=9)
+    return _figure(fig)
+
+
+def groups(metrics: Mapping[str, Any]) -> str:
+    parts = []
+    for label, by_attribute in metrics["groups"].items():
+        for attribute, per_value in sorted(by_attribute.items()):
+            recalls = [name for name in per_value if name.startswith("recall@")]
+            names = sorted(per_value["angle"])
+            rows = [[_e(group), str(per_value["angle"][group][1]),
+                     *[_pct(per_value[r][group][0]) + _ci(per_value[r][group][2]) for r in recalls],
+                     f"{per_value['angle'][group][0]:.2f}"] for group in names]
+            head = ["group", "n", *[r.replace("recall@", "R@") + " %" for r in recalls], "angle (deg)"]
+            parts.append(_table(head, rows, f"{label} input, by {attribute} (cosine retrieval)"))
+    if not parts:
+        return _note("The samples carry no group attributes (gender, age, origin): nothing to break down.")
+    note = ("Recall within each group still counts the whole gallery as candidates; small groups have "
+            "wide intervals. A group labelled unknown has no ground truth.")
+    return "".join(parts) + _note(note)
+
+
+def grids(grid: Mapping[str, Any]) -> str:
+    if not grid.get("rows"):
+        return _note("The shards carry no face.jpg: no examples to show.")
+    rows = []
+    for row in grid["rows"]:
+        cells = [_face(face, "true face" if i == 0 else f"#{i}") for i, face in enumerate(row["faces"])]
+        rows.append(cells)
+    head = ["true face", *[f"retrieved #{i}" for i in range(1, len(grid["rows"][0]["faces"]))]]
+    note = (f"{grid['duration']} input, cosine. Each row: a query's true face, then the {len(head) - 1} "
+            "gallery faces closest to its v_s; the true face has a green frame wherever it appears.")
+    return f'<div class="grid">{_table(head, rows)}</div>' + _note(note)
+
+
+def _face(face: Mapping[str, Any], caption: str) -> str:
+    mark = " ✓" if face["true"] else ""
+    if face["jpeg"] is None:
+        return f"{_e(face['key'])}<br>(no face.jpg){mark}"
+    css = ' class="true"' if face["true"] else ""
+    src = _data_uri(face["jpeg"], "image/jpeg")
+    return f'<img{css} src="{src}" alt="{_e(face["key"])}" title="{_e(face["key"])}"><br>{_e(caption)}{mark}'
+
+
+def tsne(embedding: Mapping[str, Any]) -> str:
+    points = np.asarray(embedding["v_s"], dtype=np.float64)  # (P, D)
+    if len(points) < 5:
+        return _note(f"{len(points)} clips: too few for a t-SNE.")
+    try:
+        from sklearn.manifold import TSNE
+    except ImportError:
+        return _note("t-SNE needs scikit-learn: pip install scikit-learn, then run the evaluation again.")
+    perplexity = min(TSNE_PERPLEXITY, (len(points) - 1) / 3)  # sklearn needs perplexity < P
+    xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=TSNE_SEED).fit_transform(points)
+    labels = {name: values for name, values in embedding["labels"].items() if any(v is not None for v in values)}
+    figure = _scatter(xy, labels or {"clips": ["all"] * len(xy)})
+    note = f"v_s of {len(points)} clips ({embedding['duration']} input), coloured by each known attribute."
+    return figure + _note(note)
+
+
+def _scatter(xy: np.ndarray, labels: Mapping[str, Sequence]) -> str:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(labels), figsize=(4 * len(labels), 4), squeeze=False)
+    for ax, (name, values) in zip(axes[0], labels.items()):
+        names = np.array(["unknown" if v is None else str(v) for v in values])
+        for group in sorted(set(names)):
+            member = names == group
+            ax.scatter(xy[member, 0], xy[member, 1], s=8, label=group)
+        ax.set(title=name, xticks=[], yticks=[])
+        ax.legend(fontsize=7, markerscale=2)
+    return _figure(fig)
+
+
+def ethics(metrics: Mapping[str, Any]) -> str:
+    spread = []
+    for attribute, per_value in sorted(metrics["groups"].get(_durations(metrics)[-1], {}).items()):
+        recall = per_value.get("recall@10", {})
+        if len(recall) > 1:
+            low, high = min(recall.items(), key=lambda g: g[1][0]), max(recall.items(), key=lambda g: g[1][0])
+            spread.append(f"by {_e(attribute)}, R@10 ranges from {_pct(low[1][0])} % ({_e(low[0])}) "
+                          f"to {_pct(high[1][0])} % ({_e(high[0])})")
+    text = [
+        "A voice carries traits that many people share: gender, age, cues of origin and some face "
+        "shape. Speech2Face recovers such group-level traits; it does not recover a person's "
+        "identity, and the faces it predicts are average-looking faces of the group. Retrieval above "
+        "chance means the predicted feature points to faces of people with similar traits, not to "
+        "the speaker.",
+        "Results differ between groups, and degrade for languages and groups that are rare in the "
+        "training data; children's high voices tend to read as female. See the per-group tables"
+        + (": " + "; ".join(spread) + "." if spread else "."),
+        "Do not use predictions to identify, profile or make decisions about individuals.",
+    ]
+    return "".join(f"<p>{t}</p>" for t in text)
+
+
+# ----------------------------------------------------------------------------- the page
+
+
+def render_report(metrics: Mapping[str, Any], media: Mapping[str, Any], out_path: str | Path) -> Path:
+    """Write the HTML report of `metrics` (metrics.json content) and `media` to `out_path`."""
+    bodies = {
+        "summary": summary(metrics),
+        "similarity": similarity(metrics, media.get("angles", {})),
+        "retrieval": retrieval(metrics),
+        "identity": identity(metrics),
+        "matching": matching(metrics),
+        "attributes": attributes(metrics),
+        "groups": groups(metrics),
+        "grids": grids(media.get("grid", {})),
+        "tsne": tsne(media["embedding"]) if "embedding" in media else _note("No features were given."),
+        "ethics": ethics(metrics),
+    }
+    sections = "".join(
+        f'<section id="{name}"><h2>{_e(SECTIONS[name])}</h2>{body}</section>' for name, body in bodies.items()
+    )
+    nav = " · ".join(f'<a href="#{name}">{_e(title)}</a>' for name, title in SECTIONS.items())
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>s2f evaluation</title>'
+            f"<style>{STYLE}</style></head><body><h1>s2f evaluation</h1><nav>{nav}</nav>{sections}</body></html>\n")
+    path = Path(out_path)
+    path.write_text(page, encoding="utf-8")
+    return path

@@ -1,0 +1,283 @@
+"""`s2f evaluate`, its report and the validation retrieval callback, on tiny shards and a tiny model."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from pytorch_lightning.loggers import WandbLogger
+from torch.utils.data import DataLoader
+
+from callbacks.retrieval import RetrievalMetrics
+from datamodules.bench import speechlike_wave, write_split
+from s2f import evaluate as ev
+from s2f import metrics as m
+from s2f.module import Speech2Face
+from s2f.report import SECTIONS
+from s2f.teacher import TeacherHead
+from shards import schema
+
+DIM, CLASSES, BINS = 16, 8, 16  # tiny model: 16-D features, 16 frequency bins
+CLIPS = 4  # clips per speaker
+SPLIT_SPEAKERS = {"train": 8, "test": 6}
+ORIGINS = ("north", "south", "east")
+GALLERY = 16  # of the 24 test clips: the gallery is a sample
+DURATIONS = (3.0, 6.0)
+TUPLES = 200
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+def _face_jpeg(rng: np.random.Generator) -> bytes:
+    pixels = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _truth(rng: np.random.Generator, speaker: int) -> dict:
+    """Demo-world-like ground truth: flat traits, face geometry under "appearance"."""
+    return {
+        "gender": ("female", "male")[speaker % 2], "age": int(rng.integers(18, 75)),
+        "origin": ORIGINS[speaker % len(ORIGINS)],
+        "appearance": {"face_width": float(rng.uniform(0.3, 0.7)), "jaw_width": float(rng.uniform(0.3, 0.7))},
+    }
+
+
+def make_split(folder, split: str, speakers: int, seed: int) -> None:
+    """Audio-payload shards with face.jpg and attributes; fc7 shifted by gender so probes learn."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for s in range(speakers):
+        speaker, truth = f"{split}{s:02d}", _truth(rng, s)
+        for clip in range(CLIPS):
+            fc7 = np.maximum(rng.standard_normal(DIM) + 3 * (s % 2), 0).astype(np.float32)
+            samples.append({
+                "key": schema.sample_key("demo", speaker, f"c{clip}"), "fc7": fc7,
+                "meta": {"speaker": speaker, "attributes": truth}, "face_jpg": _face_jpeg(rng),
+                "wave": speechlike_wave(rng),
+            })
+    write_split(folder / split, split, samples, "audio", DIM, samples_per_shard=10)
+
+
+def make_checkpoint(path, tmp) -> str:
+    """A tiny Speech2Face after one training step, saved by a real Trainer."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(2 * CLASSES, DIM, generator=generator).relu()
+    teacher = tmp / "teacher_head.pt"
+    TeacherHead.fit(features, torch.arange(2 * CLASSES) % CLASSES).save(teacher)
+    pl.seed_everything(0)
+    module = Speech2Face(encoder="tiny", feature_dim=DIM, num_classes=CLASSES, freq_bins=BINS,
+                         teacher=str(teacher))
+    batches = [{"spec": torch.randn(2, 64, BINS, generator=generator), "fc7": features[i]} for i in range(4)]
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp)
+    trainer.fit(module, DataLoader(batches, batch_size=4))
+    trainer.save_checkpoint(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    for i, (split, speakers) in enumerate(SPLIT_SPEAKERS.items()):
+        make_split(root / "shards", split, speakers, seed=i)
+    ckpt = make_checkpoint(root / "tiny.ckpt", root)
+    return {"root": root, "ckpt": ckpt, "test": root / "shards" / "test"}
+
+
+@pytest.fixture(scope="module")
+def first_run(world):
+    out = world["root"] / "out"
+    metrics = ev.evaluate(world["ckpt"], world["test"], out, gallery_size=GALLERY, durations=DURATIONS,
+                          n_tuples=TUPLES, batch_size=8, device="cpu")
+    return {"out": out, "metrics": metrics, "bytes": (out / ev.METRICS_FILE).read_bytes()}
+
+
+@pytest.fixture(scope="module")
+def features(world):
+    """The split run through the checkpoint independently of `evaluate`."""
+    return ev.embed_split(ev.load_model(world["ckpt"], "cpu"), world["test"], DURATIONS, batch_size=8)
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def test_cli_rerun_gives_identical_metrics_and_files(world, first_run):
+    out = first_run["out"]
+    tuples = (out / ev.TUPLE_FILES["random"]).read_bytes()
+    argv = ["--ckpt", world["ckpt"], "--shards", str(world["test"]), "--out", str(out),
+            "--gallery-size", str(GALLERY), "--durations", "3,6", "--tuples", str(TUPLES),
+            "--batch-size", "8", "--device", "cpu"]
+    assert ev.main(argv) == 0
+    assert (out / ev.METRICS_FILE).read_bytes() == first_run["bytes"]
+    assert (out / ev.TUPLE_FILES["random"]).read_bytes() == tuples
+
+
+def test_saved_tuples_are_reused(world, first_run, tmp_path):
+    # A saved trial list wins over n_tuples: the run scores exactly the saved trials.
+    saved = m.load_tuples(first_run["out"] / ev.TUPLE_FILES["random"])[:50]
+    m.save_tuples(tmp_path / ev.TUPLE_FILES["random"], saved)
+    metrics = ev.evaluate(world["ckpt"], world["test"], tmp_path, gallery_size=GALLERY,
+                          durations=(6.0,), n_tuples=TUPLES, batch_size=8, device="cpu")
+    assert metrics["matching"]["random"]["n_tuples"] == 50
+    assert metrics["matching"]["same_gender"]["n_tuples"] == TUPLES
+    assert (m.load_tuples(tmp_path / ev.TUPLE_FILES["random"]) == saved).all()
+
+
+def test_stale_tuples_are_refused(world, first_run, features, tmp_path):
+    bad = np.array([[0, 0, 1]])  # clips 0 and 1 are the same speaker: no impostor
+    m.save_tuples(tmp_path / ev.TUPLE_FILES["random"], bad)
+    with pytest.raises(ValueError, match="do not fit this split"):
+        ev.matching(features, tmp_path, seed=0, n_tuples=TUPLES)
+
+
+def test_metrics_agree_with_s2f_metrics_on_the_same_features(first_run, features):
+    metrics, n = first_run["metrics"], len(features.keys)
+    gallery = m.sample_gallery(n, GALLERY, 0)
+    assert metrics["data"] == {"items": 24, "speakers": 6, "skipped": []}
+    for label in ("3s", "6s"):
+        v_s, v_f, ids = features.v_s[label][gallery], features.v_f[gallery], features.speakers[gallery]
+        assert metrics["similarity"][label] == pytest.approx(m.feature_similarity(features.v_s[label], features.v_f))
+        for metric in m.METRICS:
+            expected = m.retrieval_recall(v_s, v_f, metric=metric)
+            got = {k: v["value"] for k, v in metrics["retrieval"][label][metric].items()}
+            assert got == pytest.approx(expected)
+            identity = m.identity_recall(v_s, v_f, ids, ids, metric=metric)
+            assert {k: v["value"] for k, v in metrics["identity_retrieval"][label][metric].items()} == pytest.approx(identity)
+            for k, entry in metrics["retrieval"][label][metric].items():
+                assert entry["ci"][0] <= entry["value"] <= entry["ci"][1]
+        assert metrics["retrieval"][label]["chance"] == {f"recall@{k}": k / GALLERY for k in m.DEFAULT_KS}
+        assert metrics["identity_retrieval"][label]["chance"] == pytest.approx(m.identity_chance_recall(ids, ids))
+
+
+def test_matching_scores_the_saved_trials(first_run, features):
+    out, metrics = first_run["out"], first_run["metrics"]
+    for kind, file in ev.TUPLE_FILES.items():
+        table = m.load_tuples(out / file)
+        accuracy, low, high = m.matching_accuracy(features.v_s["6s"], features.v_f, table, "cosine")
+        assert metrics["matching"][kind]["durations"]["6s"]["cosine"] == {"accuracy": accuracy, "ci": [low, high]}
+    genders = ev.label_column(features.attributes, "gender")
+    same = m.load_tuples(out / ev.TUPLE_FILES["same_gender"])
+    assert (genders[same[:, 0]] == genders[same[:, 2]]).all()
+
+
+def test_oracle_uses_every_voice_linked_truth(first_run):
+    oracle = first_run["metrics"]["oracle"]
+    assert oracle["fields"] == ["gender", "origin", "age", "face_width", "jaw_width"]
+    retrieval = first_run["metrics"]["retrieval"]["6s"]["cosine"]
+    for k in ("recall@1", "recall@5", "recall@10"):
+        best = oracle["recall"][k]["value"]
+        assert 0 < best <= 1
+        assert oracle["ratio"]["6s"]["cosine"][k] == pytest.approx(retrieval[k]["value"] / best)
+
+
+def test_oracle_ranks_break_ties_at_random():
+    # Items 0-2 share one truth, item 3 is far away: 3 ranks first, the others uniformly in 1..3.
+    vectors = np.array([[0.0, 0.0]] * 3 + [[5.0, 5.0]])
+    ranks = np.stack([ev.oracle_ranks(vectors, seed).numpy() for seed in range(300)])  # (S, 4)
+    assert (ranks[:, 3] == 1).all()
+    assert set(ranks[:, :3].ravel().tolist()) == {1, 2, 3}
+    assert abs(ranks[:, :3].mean() - 2.0) < 0.1
+
+
+def test_attribute_probes_and_groups(first_run):
+    metrics = first_run["metrics"]
+    probes = metrics["attributes"]["linear_probe"]
+    assert set(probes) == {"gender", "age_decade", "origin"}
+    for entry in probes.values():
+        assert entry["n_train"] == SPLIT_SPEAKERS["train"] * CLIPS
+        agreement = entry["durations"]["6s"]
+        assert set(agreement) >= {"classes", "truth_vs_prediction", "truth_vs_reference", "reference_vs_prediction"}
+    # fc7 is shifted by gender, so a probe fitted on training faces reads gender from true faces.
+    assert probes["gender"]["durations"]["6s"]["truth_vs_reference"]["accuracy"] == 1.0
+    groups = metrics["groups"]["6s"]
+    assert set(groups) == {"gender", "age_group", "origin"}
+    assert sum(n for _, n, _ in groups["gender"]["angle"].values()) == GALLERY
+
+
+def test_probe_reader_without_a_training_split(features, tmp_path):
+    result = ev.probe_reader(ev.Evaluation(features, tmp_path, tmp_path / "missing"))
+    assert "--train-shards" in result["skipped"]
+
+
+def test_report_has_every_section_and_every_image_decodes(first_run):
+    page = (first_run["out"] / ev.REPORT_FILE).read_text()
+    for name in SECTIONS:
+        assert f'<section id="{name}">' in page
+    sources = re.findall(r'<img[^>]* src="data:image/(png|jpeg);base64,([^"]+)"', page)
+    kinds = {kind for kind, _ in sources}
+    assert kinds == {"png", "jpeg"}  # figures and the faces of the retrieval grids
+    for _, data in sources:
+        Image.open(io.BytesIO(base64.b64decode(data))).verify()
+    assert page.count('class="true"') >= ev.GRID_QUERIES  # every query's true face is marked
+    assert "5,000-face AVSpeech gallery" in page
+
+
+def test_durations_longer_than_the_clips_are_refused():
+    with pytest.raises(ValueError, match="duration 7"):
+        ev.clip_frames(7.0)
+    assert ev.clip_frames(3.0) == 298 and ev.clip_frames(6.0) == 598
+
+
+# ----------------------------------------------------------------------------- callback
+
+
+class RecordingRun:
+    """Stands in for a wandb run: records what the logger sends."""
+
+    def __init__(self):
+        self.logged: list[dict] = []
+
+    def log(self, data: dict, step: int | None = None) -> None:
+        self.logged.append(data)
+
+        self.config = RecordingConfig()
+
+    def define_metric(self, *args, **kwargs) -> None:
+        pass
+
+
+class RecordingConfig(dict):
+    def update(self, values: dict, allow_val_change: bool = False) -> None:
+        super().update(values)
+
+
+def _validation_batches(features: ev.SplitFeatures, world) -> list[dict]:
+    """The test split as batches with spectrograms, keys and face.jpg bytes."""
+    faces = ev.read_faces(world["test"], features.keys)
+    samples = list(ev._samples(world["test"], True, []))
+    spec = ev._batch_spectrogram(samples, "cpu")  # (N, 2, 598, 257)
+    return [
+        {"spec": spec[i : i + 5], "fc7": features.v_f[i : i + 5], "key": features.keys[i : i + 5],
+         "face": [faces[k] for k in features.keys[i : i + 5]]}
+        for i in range(0, len(samples), 5)
+    ]
+
+
+def test_callback_logs_retrieval_metrics_and_a_grid(world, features, tmp_path):
+    module = Speech2Face.load_from_checkpoint(world["ckpt"], weights_only=True)
+    batches = _validation_batches(features, world)
+    run = RecordingRun()
+    callback = RetrievalMetrics(max_items=20, ks=(1, 5))
+    trainer = pl.Trainer(accelerator="cpu", logger=WandbLogger(experiment=run, save_dir=tmp_path),
+                         callbacks=[callback], enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    metrics = trainer.validate(module, DataLoader(batches, batch_size=None), verbose=False)[0]
+    v_s, v_f = features.v_s["6s"][:20], features.v_f[:20]  # the cap keeps the first 20 clips
+    expected = m.retrieval_recall(v_s, v_f, ks=(1, 5))
+    assert metrics["val_retrieval/gallery"] == 20
+    assert metrics["val_retrieval/recall@1"] == pytest.approx(expected["recall@1"])
+    assert metrics["val_retrieval/recall@5"] == pytest.approx(expected["recall@5"])
+    assert metrics["val_retrieval/chance@5"] == pytest.approx(5 / 20)
+    assert metrics["val_retrieval/angle"] == pytest.approx(m.angles_deg(v_s, v_f).mean().item(), rel=1e-5)
+    grids = [entry["val_retrieval/grid"] for entry in run.logged if "val_retrieval/grid" in entry]
+    assert len(grids) == 1 and grids[0][0].image.size == (6 * 96, 4 * 96)
