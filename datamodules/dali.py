@@ -9,9 +9,12 @@ Pipeline. `fn.readers.webdataset` reads the payload member (`wav.flac` or `spec.
 and `json` of each sample; FLAC goes through `fn.decoders.audio` (mono float at the stored rate,
 which must be 16 kHz as the schema says: checked, not resampled, like ShardDataModule), `.npy`
 members through `fn.decoders.numpy` (float16 -> float32). The key is the sample's `source_info`
-(`<shard>:<offset>:<key>.fc7.npy`). DALI 2.4 infers the tar index itself, so no index files are
-written; that scan of the tar headers is repeated each time a pipeline is built (once per epoch).
-DALI has no GPU decoder for audio or .npy, so with CUDA the pipeline decodes on the CPU threads and
+(`<shard>:<offset>:<key>.fc7.npy`). DALI 2.4 can infer a shard's index itself, but it then scans
+the tar headers (and logs a line per shard) each time a pipeline is built, i.e. every epoch; with
+`index_dir` the index files are made once there by DALI's `wds2idx` and reused while the shard is
+not newer.
+
+Devices. DALI has no GPU decoder for audio or .npy, so with CUDA the pipeline decodes on the CPU threads and
 moves the payload and fc7 to GPU `local_rank` (its outputs are then CUDA tensors); without CUDA the
 pipeline is CPU-only (`device_id=None`).
 
@@ -38,6 +41,7 @@ import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -87,6 +91,29 @@ def epoch_paths(paths: list[str], seed: int, epoch: int) -> list[str]:
     return order
 
 
+def index_files(paths: list[str], index_dir: str) -> list[str]:
+    """DALI index files of `paths` in `index_dir`, made with DALI's wds2idx where missing or stale.
+
+    Named by shard and a hash of its full path, since every split has a `shard-000000.tar`; each is
+    written to a temporary name and renamed, so ranks making the same index never see half of one.
+    """
+    _dali()  # wds2idx comes with DALI: without it, name the extra to install
+    from wds2idx import IndexCreator
+
+    folder = Path(index_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    indexes = []
+    for path in paths:
+        index = folder / f"{Path(path).stem}-{mixed_seed(str(Path(path).resolve())):016x}.idx"
+        if not index.is_file() or index.stat().st_mtime < Path(path).stat().st_mtime:
+            partial = index.with_name(f".{index.name}.tmp{os.getpid()}")
+            with IndexCreator(str(path), str(partial), verbose=False) as creator:
+                creator.create_index()
+            partial.replace(index)
+        indexes.append(str(index))
+    return indexes
+
+
 def row_bytes(row: torch.Tensor) -> bytes:
     """A zero-padded byte row (the pipeline pads ragged byte strings to one length) unpadded."""
     return bytes(row.numpy()).rstrip(b"\0")
@@ -123,6 +150,7 @@ class Reading:
     world_size: int = 1
     num_threads: int = 2
     device_id: int | None = None  # None: CPU-only pipeline
+    index_dir: str | None = None  # None: DALI infers each shard's index when the pipeline is built
 
     @property
     def name(self) -> str:
@@ -158,10 +186,11 @@ def build_pipeline(r: Reading, epoch: int):
     paths = epoch_paths(list(r.paths), r.seed, epoch) if r.train else list(r.paths)
     pipe = dali.Pipeline(batch_size=r.batch_size, num_threads=r.num_threads, device_id=r.device_id,
                          seed=seed)
+    indexes = index_files(paths, r.index_dir) if r.index_dir is not None else None
     with pipe:
         media, fc7, meta = fn.readers.webdataset(
-            paths=paths, ext=[schema.PAYLOADS[r.payload], schema.FC7, schema.META], name=READER,
-            missing_component_behavior="error", shard_id=r.rank, num_shards=r.world_size,
+            paths=paths, index_paths=indexes, ext=[schema.PAYLOADS[r.payload], schema.FC7, schema.META],
+            name=READER, missing_component_behavior="error", shard_id=r.rank, num_shards=r.world_size,
             random_shuffle=r.train, initial_fill=max(1, r.shuffle_buffer))
         outputs = {"source": fn.get_property(fc7, key="source_info"), "meta": meta}
         if r.payload == "audio":
@@ -183,8 +212,9 @@ def check_batch(out: dict, keys: list[str], shards: list[str], r: Reading) -> No
     expected = {schema.PAYLOADS[r.payload]: ("media_shape", r.shape),
                 schema.FC7: ("fc7_shape", (r.feature_dim,))}
     for i, key in enumerate(keys):
-        problems = [f"{member} has shape {tuple(out[name][i].tolist())}, expected {shape}"
-                    for member, (name, shape) in expected.items() if tuple(out[name][i].tolist()) != shape]
+        shapes = {member: (tuple(out[name][i].tolist()), shape) for member, (name, shape) in expected.items()}
+        problems = [f"{member} has shape {got}, expected {want}"
+                    for member, (got, want) in shapes.items() if got != want]
         if "rate" in out and int(out["rate"][i]) != schema.SAMPLE_RATE:
             problems.append(f"{schema.WAV} is at {int(out['rate'][i])} Hz, expected {schema.SAMPLE_RATE}")
         if problems:
@@ -204,6 +234,8 @@ def to_batch(out: dict, r: Reading) -> dict:
 
 class DaliLoader:
     """One rank's batches of one split; a fresh pipeline for each pass (see the module docstring)."""
+
+    batch_sampler = None  # Lightning looks for one next to `sampler` before validating
 
     def __init__(self, reading: Reading):
         self.reading, self.epoch = reading, 0
@@ -225,7 +257,7 @@ class DaliLoader:
         r = self.reading
         pipe, names = build_pipeline(r, self.epoch)
         policy = LastBatchPolicy.DROP if r.train else LastBatchPolicy.PARTIAL
-        # With reader_name the iterator reads the padding settings from the reader itself.
+        # reader_name: the iterator takes the epoch size and the rank split from the reader.
         batches = DALIGenericIterator(pipe, names, reader_name=READER, last_batch_policy=policy)
         for (out,) in batches:
             # Evaluation gives every rank as many batches as the largest share needs, so a
@@ -250,6 +282,8 @@ class DaliShardDataModule(pl.LightningDataModule):
         seed: the seed of the shard permutations and shuffle buffers.
         payload: "audio" or "spectrogram"; default: the split index's payload.
         gpu: put the outputs on GPU `local_rank`; default: when CUDA is available.
+        index_dir: a writable folder for DALI's shard index files, made on first use (see the
+            module docstring); default: none, DALI scans the shards every epoch.
     """
 
     on_after_batch_transfer = ShardDataModule.on_after_batch_transfer  # the same spectrogram step
@@ -257,6 +291,7 @@ class DaliShardDataModule(pl.LightningDataModule):
     def __init__(
         self, root: str, batch_size: int = 8, num_threads: int = 2, shuffle_buffer: int = 1000,
         seed: int = 0, payload: str | None = None, gpu: bool | None = None,
+        index_dir: str | None = None,
     ):
         super().__init__()
         if batch_size < 1 or num_threads < 1:
@@ -267,6 +302,7 @@ class DaliShardDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.root, self.batch_size, self.num_threads = root, batch_size, num_threads
         self.shuffle_buffer, self.seed, self.payload, self.gpu = shuffle_buffer, seed, payload, gpu
+        self.index_dir = index_dir
 
     def reading(self, split: str, train: bool) -> Reading:
         """What this rank's pipeline of `split` reads (rank and world size from the trainer)."""
@@ -280,7 +316,8 @@ class DaliShardDataModule(pl.LightningDataModule):
             paths=tuple(paths), samples=sum(counts.values()), payload=self.payload or index.payload,
             feature_dim=index.feature_dim, batch_size=self.batch_size, train=train, seed=self.seed,
             shuffle_buffer=self.shuffle_buffer, rank=rank, world_size=world,
-            num_threads=self.num_threads, device_id=_local_rank(self.trainer) if gpu else None)
+            num_threads=self.num_threads, device_id=_local_rank(self.trainer) if gpu else None,
+            index_dir=self.index_dir)
         if train and reading.num_batches() == 0:
             raise ValueError(f"{split}: {reading.samples} samples are less than one batch on each of "
                              f"{world} ranks (batch_size {self.batch_size}); lower batch_size")

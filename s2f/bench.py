@@ -41,10 +41,9 @@ from torch import nn
 
 from s2f.audio import N_BINS, SAMPLE_RATE, SECONDS, num_frames
 from s2f.flops import FlopCount, count_flops, flop_counter, rule_of_three
-from s2f.module import LEARNING_RATE, LR_DECAY_STEPS, Speech2Face
+from s2f.module import PAPER_BATCH, Speech2Face, scaled_lr_schedule
 
 FRAMES = num_frames(int(SAMPLE_RATE * SECONDS))  # 598 frames of a 6-s clip
-PAPER_BATCH = 8  # samples per optimiser step in the paper (SPEC 5)
 PHASES = ("data", "forward", "backward", "optimiser")
 KIB = 1024  # bytes; Linux reports ru_maxrss in KiB
 GIB = 1024**3  # bytes
@@ -92,24 +91,6 @@ EFFICIENCY_GOAL = 0.90
 
 
 # --- learning-rate rule --------------------------------------------------------------------------
-
-
-def scaled_lr_schedule(batch_size: int, base_batch: int = PAPER_BATCH, base_lr: float = LEARNING_RATE,
-                       base_decay_steps: int = LR_DECAY_STEPS) -> tuple[float, int]:
-    """(lr, decay_steps) for a global batch of `batch_size` samples per optimiser step.
-
-    Square-root rule for Adam: a k-times larger batch cuts the gradient-noise variance by k, and
-    Adam's step size does not grow with the gradient, so lr x sqrt(k) keeps the update noise
-    (lr^2 x variance / k) the same (Malladi et al. 2022, the SDE scaling rule for adaptive
-    methods; the linear rule of Goyal et al. 2017 is SGD's). Decay steps shrink by k so the
-    schedule follows samples seen, not steps taken. `batch_size` is global: per-GPU batch x
-    GPUs x accumulation.
-    """
-    if batch_size < 1 or base_batch < 1:
-        raise ValueError(f"scaled_lr_schedule: batch sizes must be >= 1, got batch_size={batch_size}, "
-                         f"base_batch={base_batch}")
-    k = batch_size / base_batch
-    return base_lr * math.sqrt(k), max(1, round(base_decay_steps / k))
 
 
 # --- FLOPs and peaks -----------------------------------------------------------------------------
@@ -249,7 +230,7 @@ def use_fused(optimizer: torch.optim.Optimizer) -> None:
     """Switch an Adam/AdamW to its fused kernel before its first step, hyperparameters unchanged.
 
     torch reads `fused` and `foreach` from each param group at step time, so this equals
-    constructing it with fused=True; the module's configure_optimizers does not ask for it.
+    constructing it with fused=True; the module asks for it itself only on CUDA.
     """
     if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         raise ValueError(f"--fused-adam: the module's optimiser is {type(optimizer).__name__}, not Adam")
@@ -631,18 +612,19 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_scaling(args: argparse.Namespace) -> int:
-    step, backward = args.step_time, args.backward_fraction
-    if args.from_json:
+    step, backward, preset = args.step_time, args.backward_fraction, args.preset
+    if args.from_json:  # the measured run decides the model too
         run = json.loads(Path(args.from_json).read_text())["runs"][0]
         step = step or run["step_s"]
         backward = backward or run["phase_s"]["backward"] / run["step_s"]
-    _, _, count = encoder_profile(args.preset)
+        preset = run["settings"]["preset"]
+    _, _, count = encoder_profile(preset)
     backward = backward if backward is not None else count.backward / count.training
     if step is None:
-        step = predicted_step_time(args.preset, args.batch_size, args.peak_tflops, args.mfu)
+        step = predicted_step_time(preset, args.batch_size, args.peak_tflops, args.mfu)
         print(f"PREDICTED step time (not measured): batch {args.batch_size} x {count.training / 1e9:,.2f} GFLOP "
               f"at {args.mfu:.0%} MFU of {args.peak_tflops:g} TFLOP/s")
-    print(scaling_table(step, args.preset, backward, args.grad_bytes, args.bucket_mb, args.accumulation, args.nodes))
+    print(scaling_table(step, preset, backward, args.grad_bytes, args.bucket_mb, args.accumulation, args.nodes))
     return 0
 
 

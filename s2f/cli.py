@@ -141,7 +141,7 @@ class LogConfig(SaveConfigCallback):
     """Writes `config.yaml` into the run directory and hands the resolved config to every logger."""
 
     def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False))  # nested plain dict
+        resolved = yaml.safe_load(self.parser.dump(self.config))  # a nested plain dict
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": resolved})
 

@@ -8,6 +8,8 @@ in `setup`, so a checkpoint alone rebuilds the module from its state dict).
 
 from __future__ import annotations
 
+import math
+
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -23,7 +25,29 @@ BETAS = (0.5, 0.999)
 EPS = 1e-4
 LR_DECAY = 0.95  # multiply the learning rate by this ...
 LR_DECAY_STEPS = 10_000  # ... every this many optimiser steps
+PAPER_BATCH = 8  # samples per optimiser step the paper's schedule was set for
+SCHEDULES = ("step", "linear")
 VAL_KS = (1, 5, 10)
+
+
+def scaled_lr_schedule(
+    batch_size: int, base_batch: int = PAPER_BATCH, base_lr: float = LEARNING_RATE,
+    base_decay_steps: int = LR_DECAY_STEPS,
+) -> tuple[float, int]:  # fmt: skip
+    """(lr, decay_steps) for a global batch of `batch_size` samples per optimiser step.
+
+    Square-root rule for Adam: a k-times larger batch cuts the gradient-noise variance by k, and
+    Adam's step size does not grow with the gradient, so lr x sqrt(k) keeps the update noise
+    (lr^2 x variance / k) the same (Malladi et al. 2022, the SDE scaling rule for adaptive
+    methods; the linear rule of Goyal et al. 2017 is SGD's). Decay steps shrink by k so the
+    schedule follows samples seen, not steps taken. `batch_size` is global: per-GPU batch x
+    GPUs x accumulation.
+    """
+    if batch_size < 1 or base_batch < 1:
+        raise ValueError(f"scaled_lr_schedule: batch sizes must be >= 1, got batch_size={batch_size}, "
+                         f"base_batch={base_batch}")
+    k = batch_size / base_batch
+    return base_lr * math.sqrt(k), max(1, round(base_decay_steps / k))
 
 
 def gather_rows(module: pl.LightningModule, rows: torch.Tensor) -> torch.Tensor:
@@ -47,7 +71,12 @@ class Speech2Face(pl.LightningModule):
         teacher: path of the frozen classifier for the distillation term.
         freq_bins: override of the preset's frequency bins.
         lambda1, lambda2, temperature: loss weights and distillation temperature (SPEC 4).
-        lr, betas, eps, lr_decay, lr_decay_steps: Adam and its step decay (SPEC 5).
+        lr, betas, eps, lr_decay, lr_decay_steps: Adam and its step decay (SPEC 5), set for
+            the paper's batch of 8.
+        scale_lr_with_batch: adapt lr and decay steps to the actual global batch with
+            `scaled_lr_schedule` (square-root rule); off: the values are used as given.
+        schedule: "step" (x lr_decay every lr_decay_steps, the paper's) or "linear" (decay to 0
+            over the run's steps: for fixed-budget runs, where a constant tail makes scores swing).
     """
 
     def __init__(
@@ -65,8 +94,12 @@ class Speech2Face(pl.LightningModule):
         eps: float = EPS,
         lr_decay: float = LR_DECAY,
         lr_decay_steps: int = LR_DECAY_STEPS,
+        scale_lr_with_batch: bool = False,
+        schedule: str = "step",
     ):
         super().__init__()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"model.schedule must be one of {SCHEDULES}, got {schedule!r}")
         self.save_hyperparameters()
         overrides = {"out_dim": feature_dim} | ({"freq_bins": freq_bins} if freq_bins else {})
         self.encoder = VoiceEncoder.from_preset(encoder, **overrides)
@@ -133,10 +166,31 @@ class Speech2Face(pl.LightningModule):
             self.log(f"val/recall@{k}", recall[f"recall@{k}"])
         self.log("val/samples", float(len(v_s)))
 
+    def _global_batch(self) -> int | None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "batch_size"):
+            return None
+        return datamodule.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def _lr_and_decay_steps(self) -> tuple[float, int]:
+        hp = self.hparams
+        batch = self._global_batch() if hp.scale_lr_with_batch else None
+        if batch is None:
+            return hp.lr, hp.lr_decay_steps
+        return scaled_lr_schedule(batch, PAPER_BATCH, hp.lr, hp.lr_decay_steps)
+
+    def _scheduler(self, optimizer: torch.optim.Optimizer, decay_steps: int):
+        if self.hparams.schedule == "step":
+            return torch.optim.lr_scheduler.StepLR(optimizer, decay_steps, self.hparams.lr_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / total))
+
     def configure_optimizers(self):
         hp = self.hparams
+        lr, decay_steps = self._lr_and_decay_steps()
+        fused = next(self.encoder.parameters()).is_cuda  # one kernel for all parameters
         optimizer = torch.optim.Adam(
-            self.encoder.parameters(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps
+            self.encoder.parameters(), lr=lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused
         )
-        schedule = torch.optim.lr_scheduler.StepLR(optimizer, hp.lr_decay_steps, hp.lr_decay)
+        schedule = self._scheduler(optimizer, decay_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -45,6 +45,7 @@ AGREEMENTS = {  # attribute_agreement key -> what it compares
 }
 TSNE_SEED = 0  # t-SNE random_state: the same features give the same picture
 TSNE_PERPLEXITY = 30.0
+TSNE_EXACT_MAX = 300  # up to this many points the exact method is faster than Barnes-Hut
 DPI = 90
 STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -121,6 +122,11 @@ def _ks(recall: Mapping[str, Any]) -> list[int]:
 
 def _durations(metrics: Mapping[str, Any]) -> list[str]:
     return list(metrics["config"]["durations"])
+
+
+def _longest(metrics: Mapping[str, Any]) -> str:
+    """The longest evaluated input ("6s"): the one the figures show."""
+    return max(_durations(metrics), key=lambda label: float(label.rstrip("s")))
 
 
 # ----------------------------------------------------------------------------- sections
@@ -233,7 +239,7 @@ def attributes(metrics: Mapping[str, Any]) -> str:
         if "skipped" in result:
             parts.append(_note(f"Not run: {_e(result['skipped'])}"))
             continue
-        parts += [_attribute(name, entry) for name, entry in sorted(result.items())]
+        parts += [_attribute(name, entry, _longest(metrics)) for name, entry in sorted(result.items())]
     note = ("Reader linear_probe: a linear classifier per attribute fitted on the teacher features of "
             "training faces, applied to the true face's feature (reference) and to v_s (prediction); "
             "rows are row-normalised (each true or reference class sums to 1), as in the paper's "
@@ -241,14 +247,17 @@ def attributes(metrics: Mapping[str, Any]) -> str:
     return "".join(parts) + _note(note)
 
 
-def _attribute(name: str, entry: Mapping[str, Any]) -> str:
-    rows, figures = [], []
+def _attribute(name: str, entry: Mapping[str, Any], heatmap_duration: str) -> str:
+    """Accuracy table for every duration; confusion heatmaps for `heatmap_duration` only."""
+    rows = []
     for label, agreement in entry["durations"].items():
-        kinds = [k for k in AGREEMENTS if k in agreement]
-        rows += [[_e(label), _e(AGREEMENTS[k]), _pct(agreement[k]["accuracy"]), str(agreement[k]["n"])] for k in kinds]
-        figures.append(_confusions(f"{name}, {label}", agreement["classes"], {k: agreement[k] for k in kinds}))
-    caption = f"{name}: agreement (trained on {entry.get('n_train', '?')} faces)"
-    return _table(["input", "comparison", "accuracy %", "n"], rows, caption) + "".join(figures)
+        rows += [[_e(label), _e(AGREEMENTS[k]), _pct(agreement[k]["accuracy"]), str(agreement[k]["n"])]
+                 for k in AGREEMENTS if k in agreement]
+    caption = f"{name}: agreement (probe trained on {entry.get('n_train', '?')} faces)"
+    shown = entry["durations"][heatmap_duration]
+    heatmaps = _confusions(f"{name}, {heatmap_duration} input", shown["classes"],
+                           {k: shown[k] for k in AGREEMENTS if k in shown})
+    return _table(["input", "comparison", "accuracy %", "n"], rows, caption) + heatmaps
 
 
 def _confusions(title: str, classes: Sequence[str], agreements: Mapping[str, Mapping]) -> str:
@@ -320,7 +329,9 @@ def tsne(embedding: Mapping[str, Any]) -> str:
     except ImportError:
         return _note("t-SNE needs scikit-learn: pip install scikit-learn, then run the evaluation again.")
     perplexity = min(TSNE_PERPLEXITY, (len(points) - 1) / 3)  # sklearn needs perplexity < P
-    xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=TSNE_SEED).fit_transform(points)
+    method = "exact" if len(points) <= TSNE_EXACT_MAX else "barnes_hut"
+    tsne_2d = TSNE(n_components=2, perplexity=perplexity, init="pca", method=method, random_state=TSNE_SEED)
+    xy = tsne_2d.fit_transform(points)  # (P, 2)
     labels = {name: values for name, values in embedding["labels"].items() if any(v is not None for v in values)}
     figure = _scatter(xy, labels or {"clips": ["all"] * len(xy)})
     note = f"v_s of {len(points)} clips ({embedding['duration']} input), coloured by each known attribute."
@@ -342,7 +353,7 @@ def _scatter(xy: np.ndarray, labels: Mapping[str, Sequence]) -> str:
 
 def ethics(metrics: Mapping[str, Any]) -> str:
     spread = []
-    for attribute, per_value in sorted(metrics["groups"].get(_durations(metrics)[-1], {}).items()):
+    for attribute, per_value in sorted(metrics["groups"].get(_longest(metrics), {}).items()):
         recall = per_value.get("recall@10", {})
         if len(recall) > 1:
             low, high = min(recall.items(), key=lambda g: g[1][0]), max(recall.items(), key=lambda g: g[1][0])

@@ -13,7 +13,9 @@
 #
 # One Slurm task is one training process (one GPU): --ntasks-per-node must equal the GPUs used
 # per node. Give --ntasks-per-node, never plain --ntasks: Lightning checks the per-node count.
-# GPUs are not requested by default (CPU-only clusters exist); add --gpus-per-node=N.
+# GPUs are not requested by default (CPU-only clusters exist); add --gpus-per-node=N. The
+# accelerator follows what Slurm granted (SLURM_GPUS_ON_NODE); on clusters that expose GPUs
+# without gres, pass --trainer.accelerator=gpu as an extra argument.
 #
 # What runs, on every task:
 #   srun $S2F_CMD --config CONFIG --trainer.num_nodes=$SLURM_NNODES
@@ -25,9 +27,9 @@
 # job id, so it lands in the same folder and `s2f fit` resumes from the newest checkpoint there.
 #
 # Preemption: --signal=USR1@120 sends SIGUSR1 to the training processes 120 s before the time
-# limit; Lightning saves hpc_ckpt_<n>.ckpt into RUN_DIR and runs `scontrol requeue`. Cancel-free
-# test of the same path: `scancel --signal=USR1 JOBID` (no --full: that also signals this batch
-# shell, which is srun here and forwards it, so the processes would get the signal twice).
+# limit; Lightning saves hpc_ckpt_<n>.ckpt into RUN_DIR and runs `scontrol requeue`. To try the
+# same path on a running job: `scancel --signal=USR1 JOBID` (signals the tasks, not this shell;
+# --batch works too: this shell is `exec srun`, which forwards signals to its tasks).
 #
 # Environment (all optional):
 #   S2F_CMD       command replacing `s2f fit` (word-split), e.g.

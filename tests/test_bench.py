@@ -8,7 +8,8 @@ import torch
 
 from s2f import bench
 from s2f.bench import (PHASES, TrainBench, allreduce_seconds, bench_train, gradient_buckets, peak_tflops,
-                       predict_scaling, scaled_lr_schedule, step_flops)
+                       predict_scaling, step_flops)
+from s2f.module import scaled_lr_schedule
 from tests.shard_factory import make_shards, round_robin_assignment
 
 TINY = dict(preset="tiny", batch_size=2, precision="32", steps=2, warmup=1, device="cpu", feature_dim=16)

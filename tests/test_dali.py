@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from datamodules.dali import (
@@ -17,8 +18,7 @@ from datamodules.shards import ShardDataModule
 from shards import schema
 from tests.shard_factory import make_shards, round_robin_assignment
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None,
-                                reason="install s2f[dali]")
+pytest.importorskip("nvidia.dali", reason="install s2f[dali]")
 
 SPEAKERS, CLIPS, DIM = 8, 4, 16  # round robin: 4 train speakers (16 clips), 2 val (8), 2 test (8)
 PER_SHARD, BATCH = 3, 3  # shards of 3 and batches of 3 leave short shards and short batches
@@ -69,11 +69,19 @@ def test_batch_counts_follow_dalis_contiguous_split():
 
 
 def test_source_info_gives_key_and_shard():
-    info = "/data/val:1/shard-000000.tar:5632:synth/spk0002/c000.fc7.npy"
+    assert source_key("/data/val:1/shard-000000.tar:5632:synth/spk0002/c000.fc7.npy") == (
+        "synth/spk0002/c000", "/data/val:1/shard-000000.tar")
     assert source_key("/d/shard-000001.tar:1024:synth/spk:1:/c1.fc7.npy") == (
-        "synth/spk:1:/c1", "/d/shard-000001.tar")
+        "synth/spk:1:/c1", "/d/shard-000001.tar")  # the first :<digits>: ends the path
     with pytest.raises(ValueError, match="source_info"):
-        source_key(info.replace(".fc7.npy", ".json"))
+        source_key("/d/shard-000001.tar:1024:synth/spk0002/c000.json")
+
+
+def test_missing_dali_names_the_extra(audio_root, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # makes `import nvidia.dali` fail
+    loader = dali(audio_root).val_dataloader()  # building needs no DALI: it is imported on use
+    with pytest.raises(ImportError, match=r"pip install 's2f\[dali\]'"):
+        next(iter(loader))
 
 
 # --- batches -----------------------------------------------------------------------------------
@@ -151,6 +159,20 @@ def test_train_order_is_reproducible_per_epoch(audio_root):
     assert keys(3) == keys(3)
 
 
+def test_index_files_are_made_once_and_give_the_same_batches(audio_root, tmp_path):
+    plain = by_key(dali(audio_root).val_dataloader(), "wav")
+    dm = dali(audio_root, index_dir=str(tmp_path / "index"))
+    shards = [len(schema.SplitIndex.read(audio_root / split).shards) for split in ("val", "train")]
+    indexed = by_key(dm.val_dataloader(), "wav")
+    made = {path: path.stat().st_mtime_ns for path in (tmp_path / "index").glob("*.idx")}
+    assert len(made) == shards[0]
+    assert by_key(dm.val_dataloader(), "wav").keys() == indexed.keys() == plain.keys()
+    assert all(torch.equal(indexed[key][0], plain[key][0]) for key in plain)
+    assert {path: path.stat().st_mtime_ns for path in made} == made  # reused, not rewritten
+    list(dm.train_dataloader())
+    assert len(list((tmp_path / "index").glob("*.idx"))) == sum(shards)  # equal shard names apart
+
+
 def test_wrong_feature_dim_names_the_sample(audio_root, tmp_path):
     index = schema.SplitIndex.read(audio_root / "val")
     folder = tmp_path / "val"
@@ -160,3 +182,38 @@ def test_wrong_feature_dim_names_the_sample(audio_root, tmp_path):
     replace(index, feature_dim=DIM + 1).write(folder)
     with pytest.raises(schema.BadSample, match=r"synth/spk\d+/c\d+.*fc7.npy has shape \(16,\)"):
         next(iter(DaliShardDataModule(str(tmp_path), batch_size=BATCH).val_dataloader()))
+
+
+class SpecToFeature(pl.LightningModule):
+    """The smallest model that reads what a Speech2Face model reads: `spec` in, `fc7` out."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(schema.SPEC_SHAPE[0], DIM)
+        self.seen: dict[str, list[int]] = {"train": [], "val": []}
+
+    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+        self.seen[stage].append(self.current_epoch)
+        pooled = batch["spec"].mean(dim=(2, 3))  # (B, C, T, Q) -> (B, C)
+        return torch.nn.functional.mse_loss(self.head(pooled), batch["fc7"])
+
+    def training_step(self, batch: dict, _: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, _: int) -> None:
+        self._step(batch, "val")
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.slow
+def test_lightning_fit_runs_epochs_and_validation(audio_root):
+    model = SpecToFeature()
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=dali(audio_root))
+    per_epoch = train_batches(16, 1, BATCH)  # 5
+    assert model.seen["train"] == [0] * per_epoch + [1] * per_epoch
+    # The 2-batch sanity check stops validation mid-pass; each later pass still sees all 3 batches.
+    assert model.seen["val"] == [0, 0] + [0] * 3 + [1] * 3

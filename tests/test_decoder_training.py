@@ -79,11 +79,14 @@ def _datamodule(root, batch_size: int = 8) -> FaceShardDataModule:
 
 
 class LossTrace(Callback):
+    """The texture L1 of every training step (the landmark term starts near its floor: the
+    decoder starts at the data's mean geometry)."""
+
     def __init__(self):
-        self.totals: list[float] = []
+        self.texture: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.totals.append(float(outputs["loss"]))
+        self.texture.append(float(trainer.callback_metrics["train/texture_l1"]))
 
 
 def test_landmark_pass_writes_normalised_landmarks_and_mean(shards):
@@ -129,10 +132,10 @@ def test_unknown_teacher_and_wrong_image_size_are_refused(shards):
 def test_training_lowers_the_loss_and_round_trips(shards, tmp_path, caplog):
     pl.seed_everything(0)
     data = _datamodule(shards)
-    module = FaceDecoderModule(preset="tiny", in_dim=128, teacher="dlib", lr=3e-3)
+    module = FaceDecoderModule(preset="tiny", in_dim=128, teacher="dlib", lr=1e-2)
     trace = LossTrace()
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=60, max_epochs=-1, val_check_interval=30,
+        accelerator="cpu", max_steps=40, max_epochs=-1, val_check_interval=20,
         check_val_every_n_epoch=None, default_root_dir=tmp_path, logger=CSVLogger(tmp_path),
         callbacks=[trace], enable_checkpointing=False, enable_progress_bar=False,
         log_every_n_steps=5,
@@ -140,8 +143,8 @@ def test_training_lowers_the_loss_and_round_trips(shards, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="s2f.decoder_training"):
         trainer.fit(module, datamodule=data)
     assert sum("identity loss off" in r.message for r in caplog.records) == 1
-    assert len(trace.totals) == 60
-    assert np.mean(trace.totals[-10:]) < 0.7 * np.mean(trace.totals[:5])
+    assert len(trace.texture) == 40
+    assert np.mean(trace.texture[-10:]) < 0.85 * np.mean(trace.texture[:5])
     assert "train/identity" not in trainer.callback_metrics
     assert {"val/texture_l1", "val/landmark_mse"} <= set(trainer.callback_metrics)
     assert sorted((tmp_path / PREVIEW_DIR).glob("step*.png"))

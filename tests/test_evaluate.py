@@ -122,15 +122,16 @@ def test_cli_rerun_gives_identical_metrics_and_files(world, first_run):
     assert (out / ev.TUPLE_FILES["random"]).read_bytes() == tuples
 
 
-def test_saved_tuples_are_reused(world, first_run, tmp_path):
+def test_saved_tuples_are_reused(first_run, features, tmp_path):
     # A saved trial list wins over n_tuples: the run scores exactly the saved trials.
     saved = m.load_tuples(first_run["out"] / ev.TUPLE_FILES["random"])[:50]
     m.save_tuples(tmp_path / ev.TUPLE_FILES["random"], saved)
-    metrics = ev.evaluate(world["ckpt"], world["test"], tmp_path, gallery_size=GALLERY,
-                          durations=(6.0,), n_tuples=TUPLES, batch_size=8, device="cpu")
-    assert metrics["matching"]["random"]["n_tuples"] == 50
-    assert metrics["matching"]["same_gender"]["n_tuples"] == TUPLES
+    result = ev.matching(features, tmp_path, seed=0, n_tuples=TUPLES)
+    assert result["random"]["n_tuples"] == 50
+    assert result["same_gender"]["n_tuples"] == TUPLES
     assert (m.load_tuples(tmp_path / ev.TUPLE_FILES["random"]) == saved).all()
+    accuracy, low, high = m.matching_accuracy(features.v_s["6s"], features.v_f, saved, "cosine")
+    assert result["random"]["durations"]["6s"]["cosine"] == {"accuracy": accuracy, "ci": [low, high]}
 
 
 def test_stale_tuples_are_refused(world, first_run, features, tmp_path):
@@ -232,9 +233,11 @@ def test_durations_longer_than_the_clips_are_refused():
 
 
 class RecordingRun:
-    """Stands in for a wandb run: records what the logger sends."""
+    """Stands in for a wandb run (no wandb process): records what the logger sends."""
 
-    def __init__(self):
+    def __init__(self, folder):
+        self.id = self.name = "recording"
+        self.dir = str(folder)
         self.logged: list[dict] = []
 
     def log(self, data: dict, step: int | None = None) -> None:
@@ -266,7 +269,7 @@ def _validation_batches(features: ev.SplitFeatures, world) -> list[dict]:
 def test_callback_logs_retrieval_metrics_and_a_grid(world, features, tmp_path):
     module = Speech2Face.load_from_checkpoint(world["ckpt"], weights_only=True)
     batches = _validation_batches(features, world)
-    run = RecordingRun()
+    run = RecordingRun(tmp_path)
     callback = RetrievalMetrics(max_items=20, ks=(1, 5))
     trainer = pl.Trainer(accelerator="cpu", logger=WandbLogger(experiment=run, save_dir=tmp_path),
                          callbacks=[callback], enable_progress_bar=False, enable_model_summary=False,

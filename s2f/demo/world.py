@@ -8,8 +8,10 @@ Layout of a world folder:
     identities.jsonl                  s2f.demo.identity.write_manifest of all identities
     world.json                        the WorldConfig that made the clips (workers aside)
 
-A clip's audio is the whole utterance s2f.demo.voices makes (4.5-9.5 s); its video is one
-rendered frame held for the audio's duration at a low frame rate, since shard building uses a
+A clip's audio is the whole utterance s2f.demo.voices makes (4.5-9.5 s), FLAC in mp4 by
+default: lossless, so the shards get the synthesised samples to 16 bits, and a sixth of AAC's
+encoding time (`audio_codec="aac"` makes clips like web uploads). Its video is one rendered
+frame held for the audio's duration at one frame per second, since shard building uses a
 single frame per clip and H.264 cost grows with the frame count.
 
 Determinism: espeak-ng carries synthesis state from one utterance to the next, so a clip's
@@ -18,8 +20,7 @@ identity, all its clips in order, in a process of its own forked from a fork ser
 synthesises anything: every identity starts from the same pristine state whatever the worker
 count, the scheduling, or what the calling process did before. Resuming an identity re-makes
 the audio of its earlier clips (not their video) to reach the same state for the missing ones.
-mp4 bytes are identical too (x264 and the AAC encoder are deterministic, the muxer writes no
-dates). Files and manifests appear under their final names only once complete (temporary name,
+mp4 bytes are identical too (the encoders are deterministic and the muxer writes no dates). Files and manifests appear under their final names only once complete (temporary name,
 then rename), so an interrupted run resumes by skipping the clips present.
 """
 
@@ -39,7 +40,7 @@ from s2f.audio import SAMPLE_RATE
 from s2f.demo.identity import Identity, clip_variation, generate_identities, manifest_text
 from s2f.demo.render import ClipVariation, FaceAppearance, render_face
 from s2f.demo.voices import make_voice_clip
-from s2f.video import write_mp4
+from s2f.video import INSTALL_HINT, write_mp4
 
 VIDEOS_DIR = "videos"
 MANIFEST = "manifest.jsonl"
@@ -49,7 +50,8 @@ CLIP_SECONDS = 6.0  # s of speech asked of the voice per clip (the model's input
 # Pixels: dlib HOG (upsample 1) finds the face in 99.5% of rendered frames at this size, whose
 # detector box spans 28-49% of the frame height (head scale 0.45-0.65 of the frame).
 FRAME_SIZE = (224, 224)  # (H, W)
-FPS = 2.0  # frames per second of the held frame: ~35 ms of H.264 per 6 s clip
+FPS = 1.0  # frames per second of the held frame: ~20 ms CPU of H.264 per 6 s clip (2 fps: 40)
+AUDIO_CODEC = "flac"  # ~11 ms CPU per 6 s clip, exact; "aac" ~66 ms, lossy
 # Imported once by the fork server so each identity's process starts warm (import-only: none of
 # them touches espeak-ng's synthesis state).
 PRELOAD = ("s2f.demo.world", "parselmouth", "scipy.signal", "av")
@@ -64,6 +66,7 @@ class WorldConfig:
     seed: int = 0
     frame_size: tuple[int, int] = FRAME_SIZE  # (H, W) pixels, even for H.264
     fps: float = FPS
+    audio_codec: str = AUDIO_CODEC  # any audio codec PyAV muxes into mp4
     clip_seconds: float = CLIP_SECONDS
     workers: int = 2
 
@@ -147,6 +150,19 @@ def _check_config(out_dir: Path, config: WorldConfig) -> None:
     _write_text(path, wanted)
 
 
+def _check_audio_codec(name: str) -> None:
+    try:
+        import av
+    except ImportError as error:
+        raise ImportError(f"the demo world writes mp4 with PyAV; {INSTALL_HINT}") from error
+    try:
+        av.Codec(name, "w")
+    except ValueError as error:
+        raise ValueError(
+            f"audio_codec {name!r}: this FFmpeg has no such encoder ({error}); use 'flac' or 'aac'"
+        ) from error
+
+
 def _missing_clips(out_dir: Path, identity: Identity, clips: int) -> tuple[int, ...]:
     return tuple(c for c in range(clips) if not (out_dir / clip_path(identity.id, c)).is_file())
 
@@ -174,7 +190,7 @@ def _run_job(job: _Job) -> int:
                                  len(audio) / SAMPLE_RATE, config.fps)  # (T, H, W, 3)
             path = job.out_dir / clip_path(identity.id, clip)
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_mp4(path, frames, config.fps, audio, SAMPLE_RATE)
+            write_mp4(path, frames, config.fps, audio, SAMPLE_RATE, audio_codec=config.audio_codec)
         except Exception as error:
             raise RuntimeError(f"demo world: {identity.id} clip {clip} failed: {error}") from error
     return len(job.missing)
@@ -213,6 +229,7 @@ def generate_world(config: WorldConfig, out_dir: str | Path) -> Path:
         raise ValueError(f"{config}: identities, clips_per_identity and workers must be >= 1")
     if any(side % 2 for side in config.frame_size):
         raise ValueError(f"frame_size {config.frame_size}: H.264 needs even sides; use e.g. 224")
+    _check_audio_codec(config.audio_codec)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_config(out_dir, config)
