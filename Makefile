@@ -16,6 +16,8 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	$(PIP) install --quiet -e ".[$(EXTRAS)]"
 	# MTCNN weights ship in facenet-pytorch's wheel; its pins would replace torch, so no deps.
 	$(PIP) install --quiet --no-deps "facenet-pytorch==2.6.0"
+	# DeepSpeed ships an sdist whose build imports torch: build it against the torch above.
+	$(PIP) install --quiet --no-build-isolation "deepspeed==0.19.*"
 	touch $@
 
 install: $(VENV)/.installed-$(EXTRAS)

@@ -351,6 +351,8 @@ class ShardLoader:
     warns about resuming mid-epoch.
     """
 
+    batch_sampler = None  # batches are made in the workers; Lightning's shuffle check reads this
+
     def __init__(self, stream: ShardStream, num_workers: int = 2, max_bad_fraction: float = 0.01):
         self.stream, self.num_workers, self.max_bad_fraction = stream, num_workers, max_bad_fraction
         self.ledger = BadSampleLedger()

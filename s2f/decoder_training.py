@@ -6,9 +6,9 @@
       + landmark_weight * |landmarks - target landmarks|_2^2       (mean over points, x and y)
       + identity_weight * -cos(teacher(rendered face), input feature)   (VGG-Face teacher only)
 
-The identity term needs a differentiable teacher: `teacher="vggface:PATH"` loads VGG-Face
+The identity term needs a differentiable teacher: `identity_teacher="vggface:PATH"` loads VGG-Face
 (frozen, kept out of the checkpoint: it is 0.5 GB and the decoder never needs it after
-training). With `teacher="dlib"` (the demo's features come from dlib's descriptor, which cannot
+training). With `identity_teacher="dlib"` (the demo's features come from dlib's descriptor, which cannot
 pass gradients) or None the term is off, and setup logs that once. Weights are [open] in the
 paper; LANDMARK_WEIGHT scales landmark errors (~0.02 normalised units -> MSE ~4e-4) to the
 size of the texture L1 (~0.05).
@@ -80,7 +80,8 @@ class FaceDecoderModule(pl.LightningModule):
     Args:
         preset: decoder preset ("paper" 224 px / 4096-D, "small" 64 px, "tiny" 32 px).
         in_dim: face-feature dimension D (VGG-Face fc7 4096, dlib descriptor 128).
-        teacher: "vggface:PATH" turns the identity loss on; "dlib" or None leave it off.
+        identity_teacher: "vggface:PATH" turns the identity loss on; "dlib" or None leave it
+            off (named apart from Speech2Face's `teacher`, a classifier file path).
         texture_weight, landmark_weight, identity_weight: loss weights (module docstring).
         lr, betas, weight_decay: Adam (decayed to zero by a cosine over the step budget).
         preview_faces: faces shown in the validation preview grid.
@@ -90,7 +91,7 @@ class FaceDecoderModule(pl.LightningModule):
         self,
         preset: str = "small",
         in_dim: int = 128,
-        teacher: str | None = None,
+        identity_teacher: str | None = None,
         texture_weight: float = TEXTURE_WEIGHT,
         landmark_weight: float = LANDMARK_WEIGHT,
         identity_weight: float = IDENTITY_WEIGHT,
@@ -100,9 +101,9 @@ class FaceDecoderModule(pl.LightningModule):
         preview_faces: int = PREVIEW_FACES,
     ):
         super().__init__()
-        if teacher not in (None, "dlib") and not teacher.startswith(VGGFACE_SPEC):
+        if identity_teacher not in (None, "dlib") and not identity_teacher.startswith(VGGFACE_SPEC):
             raise ValueError(
-                f"model.teacher={teacher!r}: use 'dlib', None, or 'vggface:/path/vgg_face_dag.pth'"
+                f"model.identity_teacher={identity_teacher!r}: use 'dlib', None, or 'vggface:/path/vgg_face_dag.pth'"
             )
         self.save_hyperparameters()
         self.decoder = FaceDecoder.from_preset(preset, in_dim=in_dim)
@@ -111,7 +112,7 @@ class FaceDecoderModule(pl.LightningModule):
 
     @property
     def identity_loss_on(self) -> bool:
-        return self.hparams.teacher is not None and self.hparams.teacher.startswith(VGGFACE_SPEC)
+        return self.hparams.identity_teacher is not None and self.hparams.identity_teacher.startswith(VGGFACE_SPEC)
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -120,12 +121,12 @@ class FaceDecoderModule(pl.LightningModule):
             return  # evaluation uses the mean landmarks saved in the checkpoint
         self._take_geometry(self.trainer.datamodule)
         if self.identity_loss_on:
-            path = self.hparams.teacher[len(VGGFACE_SPEC):]
+            path = self.hparams.identity_teacher[len(VGGFACE_SPEC):]
             self._frozen["vggface"] = freeze(VGGFace.load(path))
         else:
             log.warning(
                 "identity loss off: teacher %r is not differentiable (only VGG-Face is); "
-                "training with texture and landmark losses only", self.hparams.teacher
+                "training with texture and landmark losses only", self.hparams.identity_teacher
             )
 
     def _take_geometry(self, datamodule) -> None:

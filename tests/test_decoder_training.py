@@ -48,12 +48,15 @@ def _jpeg(crop: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def make_face_shards(root, identities: int = IDENTITIES, faces: int = FACES_PER_IDENTITY):
-    """A tiny world of rendered faces as shards: face.jpg, dlib fc7, json, a silent 6-s wav."""
+def make_face_shards(
+    root, identities: int = IDENTITIES, faces: int = FACES_PER_IDENTITY, val: int = VAL_IDENTITIES
+):
+    """A tiny world of rendered faces as shards: face.jpg, dlib fc7, json, a silent 6-s wav.
+    The last `val` identities form the val split (and, copied, the test split)."""
     teacher = DlibTeacher.load()
     by_split: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     for identity in range(identities):
-        split = "val" if identity >= identities - VAL_IDENTITIES else "train"
+        split = "val" if identity >= identities - val else "train"
         crops = np.stack([_crop(identity, clip) for clip in range(faces)])  # (F, 224, 224, 3)
         for clip, (crop, fc7) in enumerate(zip(crops, teacher.features(crops))):
             speaker = f"id{identity:03d}"

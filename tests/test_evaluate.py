@@ -232,45 +232,47 @@ def test_durations_longer_than_the_clips_are_refused():
 # ----------------------------------------------------------------------------- callback
 
 
+class RecordingConfig(dict):
+    def update(self, values: dict, allow_val_change: bool = False) -> None:
+        super().update(values)
+
+
 class RecordingRun:
     """Stands in for a wandb run (no wandb process): records what the logger sends."""
 
     def __init__(self, folder):
         self.id = self.name = "recording"
         self.dir = str(folder)
+        self.config = RecordingConfig()
         self.logged: list[dict] = []
 
     def log(self, data: dict, step: int | None = None) -> None:
         self.logged.append(data)
 
-        self.config = RecordingConfig()
-
     def define_metric(self, *args, **kwargs) -> None:
         pass
 
 
-class RecordingConfig(dict):
-    def update(self, values: dict, allow_val_change: bool = False) -> None:
-        super().update(values)
-
-
-def _validation_batches(features: ev.SplitFeatures, world) -> list[dict]:
-    """The test split as batches with spectrograms, keys and face.jpg bytes."""
+def _validation_batches(features: ev.SplitFeatures, world, with_faces: bool) -> list[dict]:
+    """The test split as batches with spectrograms and keys (and face.jpg bytes if asked)."""
     faces = ev.read_faces(world["test"], features.keys)
     samples = list(ev._samples(world["test"], True, []))
     spec = ev._batch_spectrogram(samples, "cpu")  # (N, 2, 598, 257)
-    return [
-        {"spec": spec[i : i + 5], "fc7": features.v_f[i : i + 5], "key": features.keys[i : i + 5],
-         "face": [faces[k] for k in features.keys[i : i + 5]]}
-        for i in range(0, len(samples), 5)
-    ]
+    batches = []
+    for i in range(0, len(samples), 5):
+        keys = features.keys[i : i + 5]
+        extra = {"face": [faces[k] for k in keys]} if with_faces else {}
+        batches.append({"spec": spec[i : i + 5], "fc7": features.v_f[i : i + 5], "key": keys, **extra})
+    return batches
 
 
-def test_callback_logs_retrieval_metrics_and_a_grid(world, features, tmp_path):
+@pytest.mark.parametrize("faces_in_batch", [True, False])
+def test_callback_logs_retrieval_metrics_and_a_grid(world, features, tmp_path, faces_in_batch):
     module = Speech2Face.load_from_checkpoint(world["ckpt"], weights_only=True)
-    batches = _validation_batches(features, world)
+    batches = _validation_batches(features, world, faces_in_batch)
     run = RecordingRun(tmp_path)
-    callback = RetrievalMetrics(max_items=20, ks=(1, 5))
+    # Without faces in the batches, the callback reads them from the split by key.
+    callback = RetrievalMetrics(max_items=20, ks=(1, 5), face_shards=None if faces_in_batch else str(world["test"]))
     trainer = pl.Trainer(accelerator="cpu", logger=WandbLogger(experiment=run, save_dir=tmp_path),
                          callbacks=[callback], enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=tmp_path)

@@ -1,11 +1,11 @@
-"""Demo world stage: identities -> talking-head clips (H.264 + AAC mp4) and ground truth.
+"""Demo world stage: identities -> talking-head clips (mp4: H.264 + FLAC or AAC), ground truth.
 
 Layout of a world folder:
 
     videos/<identity id>/clipNN.mp4   one speaker per clip; the folder name is the speaker id
     manifest.jsonl                    one line per clip: path, identity, clip, ground truth,
                                       the clip's variation (pose, light, framing)
-    identities.jsonl                  s2f.demo.identity.write_manifest of all identities
+    identities.jsonl                  all identities, as s2f.demo.identity.write_manifest
     world.json                        the WorldConfig that made the clips (workers aside)
 
 A clip's audio is the whole utterance s2f.demo.voices makes (4.5-9.5 s), FLAC in mp4 by
@@ -20,8 +20,12 @@ identity, all its clips in order, in a process of its own forked from a fork ser
 synthesises anything: every identity starts from the same pristine state whatever the worker
 count, the scheduling, or what the calling process did before. Resuming an identity re-makes
 the audio of its earlier clips (not their video) to reach the same state for the missing ones.
-mp4 bytes are identical too (the encoders are deterministic and the muxer writes no dates). Files and manifests appear under their final names only once complete (temporary name,
-then rename), so an interrupted run resumes by skipping the clips present.
+mp4 bytes are identical too (the encoders are deterministic and the muxer writes no dates).
+Files appear under their final names only once complete (temporary name, then rename), so an
+interrupted run resumes by skipping the clips present; the manifests are written after the clips.
+
+Like any multiprocessing code that does not fork the caller, a script calling `generate_world`
+needs the `if __name__ == "__main__":` guard: each worker re-imports the main module.
 """
 
 from __future__ import annotations
@@ -222,8 +226,8 @@ def _run_jobs(jobs: list[_Job], workers: int) -> None:
 def generate_world(config: WorldConfig, out_dir: str | Path) -> Path:
     """Make (or finish) the world `config` describes in `out_dir`; returns `out_dir`.
 
-    Clips already present are kept; the manifests are written last, so their presence means
-    the world is complete.
+    Clips already present are kept; identities.jsonl and manifest.jsonl are written after all
+    clips exist.
     """
     if config.identities < 1 or config.clips_per_identity < 1 or config.workers < 1:
         raise ValueError(f"{config}: identities, clips_per_identity and workers must be >= 1")
