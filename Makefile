@@ -22,6 +22,9 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 
 install: $(VENV)/.installed-$(EXTRAS)
 
+demo: install
+	WANDB_MODE=offline $(PY) -m s2f demo
+
 test: install
 	WANDB_MODE=offline $(PY) -m pytest
 

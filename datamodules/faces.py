@@ -69,7 +69,7 @@ def _decode_jpeg(key: str, data: bytes) -> np.ndarray:
     from PIL import Image
 
     try:
-        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # (H, W, 3) uint8
+        return np.array(Image.open(io.BytesIO(data)).convert("RGB"))  # (H, W, 3) uint8, writable
     except Exception as error:
         raise schema.BadSample(key, f"{schema.FACE} does not decode ({error})") from error
 

@@ -6,10 +6,10 @@
       + landmark_weight * |landmarks - target landmarks|_2^2       (mean over points, x and y)
       + identity_weight * -cos(teacher(rendered face), input feature)   (VGG-Face teacher only)
 
-The identity term needs a differentiable teacher: `identity_teacher="vggface:PATH"` loads VGG-Face
-(frozen, kept out of the checkpoint: it is 0.5 GB and the decoder never needs it after
-training). With `identity_teacher="dlib"` (the demo's features come from dlib's descriptor, which cannot
-pass gradients) or None the term is off, and setup logs that once. Weights are [open] in the
+The identity term needs a differentiable teacher: `identity_teacher="vggface:PATH"` loads
+VGG-Face (frozen, kept out of the checkpoint: it is 0.5 GB and the decoder never needs it after
+training). With `identity_teacher="dlib"` (the demo's features come from dlib's descriptor,
+which cannot pass gradients) or None the term is off, and setup logs that once. Weights are [open] in the
 paper; LANDMARK_WEIGHT scales landmark errors (~0.02 normalised units -> MSE ~4e-4) to the
 size of the texture L1 (~0.05).
 
@@ -101,9 +101,11 @@ class FaceDecoderModule(pl.LightningModule):
         preview_faces: int = PREVIEW_FACES,
     ):
         super().__init__()
-        if identity_teacher not in (None, "dlib") and not identity_teacher.startswith(VGGFACE_SPEC):
+        spec = identity_teacher
+        if spec not in (None, "dlib") and not spec.startswith(VGGFACE_SPEC):
             raise ValueError(
-                f"model.identity_teacher={identity_teacher!r}: use 'dlib', None, or 'vggface:/path/vgg_face_dag.pth'"
+                f"model.identity_teacher={spec!r}: use 'dlib', None, or "
+                "'vggface:/path/vgg_face_dag.pth'"
             )
         self.save_hyperparameters()
         self.decoder = FaceDecoder.from_preset(preset, in_dim=in_dim)
@@ -112,7 +114,8 @@ class FaceDecoderModule(pl.LightningModule):
 
     @property
     def identity_loss_on(self) -> bool:
-        return self.hparams.identity_teacher is not None and self.hparams.identity_teacher.startswith(VGGFACE_SPEC)
+        spec = self.hparams.identity_teacher
+        return spec is not None and spec.startswith(VGGFACE_SPEC)
 
     # -- setup ----------------------------------------------------------------------------------
 

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from s2f.metrics import METRICS
+
 SECTIONS = {
     "summary": "Summary",
     "similarity": "Feature similarity",
@@ -42,6 +44,10 @@ AGREEMENTS = {  # attribute_agreement key -> what it compares
     "truth_vs_reference": "truth vs read from true face (upper bound)",
     "truth_vs_prediction": "truth vs read from v_s",
     "reference_vs_prediction": "read from true face vs from v_s",
+}
+READER_NOTES = {  # what each attribute reader of s2f.evaluate.READERS is
+    "linear_probe": "A linear classifier per attribute, fitted on the teacher features of training faces "
+                    "and applied to the true face's feature (reference) and to v_s (prediction).",
 }
 TSNE_SEED = 0  # t-SNE random_state: the same features give the same picture
 TSNE_PERPLEXITY = 30.0
@@ -136,20 +142,18 @@ def summary(metrics: Mapping[str, Any]) -> str:
     config, data = metrics["config"], metrics["data"]
     rows = []
     for label in _durations(metrics):
-        r = metrics["retrieval"][label]
-        oracle = metrics.get("oracle", {}).get("ratio", {}).get(label, {}).get("cosine", {})
+        result = metrics["retrieval"][label]
+        ratio = metrics.get("oracle", {}).get("ratio", {}).get(label, {}).get("cosine", {})
         match = metrics["matching"]["random"]["durations"][label]["cosine"]
-        rows.append([
-            _e(label), f"{metrics['similarity'][label]['angle_mean']:.2f}",
-            *[_pct(r["cosine"][f"recall@{k}"]["value"]) + f' <span class="ci">(chance {_pct(r["chance"][f"recall@{k}"])})</span>'
-              for k in (1, 10)],
-            _pct(oracle.get("recall@10")), _pct(match["accuracy"]),
-        ])
+        recalls = [_pct(result["cosine"][f"recall@{k}"]["value"])
+                   + f' <span class="ci">(chance {_pct(result["chance"][f"recall@{k}"])})</span>' for k in (1, 10)]
+        angle = f"{metrics['similarity'][label]['angle_mean']:.2f}"
+        rows.append([_e(label), angle, *recalls, _pct(ratio.get("recall@10")), _pct(match["accuracy"])])
     head = ["input", "mean angle (deg)", "R@1 % (cosine)", "R@10 %", "R@10 / oracle %", "1:2 matching %"]
-    skipped = len(data["skipped"])
+    gallery = metrics["retrieval"][_durations(metrics)[0]]["gallery_size"]
     facts = (f"Checkpoint <code>{_e(config['checkpoint'])}</code> on <code>{_e(config['shards'])}</code>: "
-             f"{data['items']} clips of {data['speakers']} speakers ({skipped} bad samples skipped); "
-             f"retrieval gallery of {metrics['retrieval'][_durations(metrics)[0]]['gallery_size']} faces, seed {config['seed']}.")
+             f"{data['items']} clips of {data['speakers']} speakers ({len(data['skipped'])} bad samples "
+             f"skipped); retrieval gallery of {gallery} faces, seed {config['seed']}.")
     return f"<p>{facts}</p>" + _table(head, rows)
 
 
@@ -175,21 +179,29 @@ def _angle_histogram(angles: Mapping[str, np.ndarray]) -> str:
     return _figure(fig)
 
 
+def _recall_rows(result: Mapping[str, Any], ks: Sequence[int], chance_name: str) -> list[list[str]]:
+    """A row of recall@k {value, ci} per similarity metric, then the chance row."""
+    rows = [[_e(metric), *[_value(result[metric][f"recall@{k}"]) for k in ks]] for metric in METRICS]
+    return rows + [[chance_name, *[_pct(result["chance"][f"recall@{k}"]) for k in ks]]]
+
+
+def _oracle_rows(oracle: Mapping[str, Any], label: str, ks: Sequence[int]) -> list[list[str]]:
+    rows = [["oracle (true attributes)", *[_value(oracle["recall"].get(f"recall@{k}")) for k in ks]]]
+    ratio = oracle["ratio"][label]
+    return rows + [[f"{_e(metric)} / oracle (%)", *[_pct(ratio[metric].get(f"recall@{k}")) for k in ks]]
+                   for metric in METRICS]
+
+
 def retrieval(metrics: Mapping[str, Any]) -> str:
     oracle = metrics.get("oracle")
     parts = []
     for label in _durations(metrics):
         result = metrics["retrieval"][label]
         ks = _ks(result["chance"])
-        rows = [[_e(metric), *[_value(result[metric][f"recall@{k}"]) for k in ks]] for metric in ("cosine", "l2", "l1")]
-        rows.append(["chance (K / gallery)", *[_pct(result["chance"][f"recall@{k}"]) for k in ks]])
-        if oracle:
-            rows.append(["oracle (true attributes)", *[_value(oracle["recall"].get(f"recall@{k}")) for k in ks]])
-            ratio = oracle["ratio"][label]
-            rows += [[f"{_e(metric)} / oracle", *[_pct(ratio[metric].get(f"recall@{k}")) for k in ks]]
-                     for metric in ("cosine", "l2", "l1")]
-        if label in PAPER_RECALL:
-            rows.append(["paper (cosine)", *[f"{PAPER_RECALL[label][k]:.2f}" if k in PAPER_RECALL[label] else "–" for k in ks]])
+        rows = _recall_rows(result, ks, "chance (K / gallery)") + (_oracle_rows(oracle, label, ks) if oracle else [])
+        paper = PAPER_RECALL.get(label)
+        if paper:
+            rows.append(["paper (cosine)", *[f"{paper[k]:.2f}" if k in paper else "–" for k in ks]])
         caption = f"{label} input, recall@K % over a gallery of {result['gallery_size']} faces [95% bootstrap CI]"
         parts.append(_table(["", *[f"R@{k}" for k in ks]], rows, caption))
     notes = [
@@ -212,8 +224,7 @@ def identity(metrics: Mapping[str, Any]) -> str:
     for label in _durations(metrics):
         result = metrics["identity_retrieval"][label]
         ks = _ks(result["chance"])
-        rows = [[_e(metric), *[_value(result[metric][f"recall@{k}"]) for k in ks]] for metric in ("cosine", "l2", "l1")]
-        rows.append(["chance (this gallery)", *[_pct(result["chance"][f"recall@{k}"]) for k in ks]])
+        rows = _recall_rows(result, ks, "chance (this gallery)")
         parts.append(_table(["", *[f"R@{k}" for k in ks]], rows, f"{label} input, recall@K % [95% bootstrap CI]"))
     note = ("Any face of the query's speaker in the top K is a hit. Chance depends on how many clips "
             "of each speaker the gallery holds.")
@@ -235,15 +246,13 @@ def matching(metrics: Mapping[str, Any]) -> str:
 def attributes(metrics: Mapping[str, Any]) -> str:
     parts = []
     for reader, result in sorted(metrics["attributes"].items()):
-        parts.append(f"<h3>Reader: {_e(reader)}</h3>")
+        parts.append(f"<h3>Reader: {_e(reader)}</h3>" + _note(READER_NOTES.get(reader, "")))
         if "skipped" in result:
             parts.append(_note(f"Not run: {_e(result['skipped'])}"))
             continue
         parts += [_attribute(name, entry, _longest(metrics)) for name, entry in sorted(result.items())]
-    note = ("Reader linear_probe: a linear classifier per attribute fitted on the teacher features of "
-            "training faces, applied to the true face's feature (reference) and to v_s (prediction); "
-            "rows are row-normalised (each true or reference class sums to 1), as in the paper's "
-            "Face++ confusions.")
+    note = ("Confusion rows are row-normalised (each true or reference class sums to 1), as in the "
+            "paper's Face++ confusions; a class a reader never saw in training has an empty column.")
     return "".join(parts) + _note(note)
 
 
@@ -263,7 +272,8 @@ def _attribute(name: str, entry: Mapping[str, Any], heatmap_duration: str) -> st
 def _confusions(title: str, classes: Sequence[str], agreements: Mapping[str, Mapping]) -> str:
     plt = _pyplot()
     size = 1.2 + 0.45 * len(classes)
-    fig, axes = plt.subplots(1, len(agreements), figsize=(size * len(agreements), size), squeeze=False)
+    fig, axes = plt.subplots(1, len(agreements), figsize=(size * len(agreements), size), squeeze=False,
+                             layout="constrained")
     for ax, (kind, agreement) in zip(axes[0], agreements.items()):
         matrix = np.asarray(agreement["row_normalised"])  # (C, C)
         ax.imshow(matrix, vmin=0, vmax=1, cmap="Blues")
@@ -284,7 +294,7 @@ def groups(metrics: Mapping[str, Any]) -> str:
     parts = []
     for label, by_attribute in metrics["groups"].items():
         for attribute, per_value in sorted(by_attribute.items()):
-            recalls = [name for name in per_value if name.startswith("recall@")]
+            recalls = [f"recall@{k}" for k in _ks(per_value)]
             names = sorted(per_value["angle"])
             rows = [[_e(group), str(per_value["angle"][group][1]),
                      *[_pct(per_value[r][group][0]) + _ci(per_value[r][group][2]) for r in recalls],
@@ -298,8 +308,10 @@ def groups(metrics: Mapping[str, Any]) -> str:
     return "".join(parts) + _note(note)
 
 
-def grids(grid: Mapping[str, Any]) -> str:
-    if not grid.get("rows"):
+def grids(grid: Mapping[str, Any] | None) -> str:
+    if grid is None:
+        return _note("No retrieval examples were given to the report.")
+    if not grid["rows"]:
         return _note("The shards carry no face.jpg: no examples to show.")
     rows = []
     for row in grid["rows"]:
@@ -334,7 +346,8 @@ def tsne(embedding: Mapping[str, Any]) -> str:
     xy = tsne_2d.fit_transform(points)  # (P, 2)
     labels = {name: values for name, values in embedding["labels"].items() if any(v is not None for v in values)}
     figure = _scatter(xy, labels or {"clips": ["all"] * len(xy)})
-    note = f"v_s of {len(points)} clips ({embedding['duration']} input), coloured by each known attribute."
+    colours = "coloured by each known attribute" if labels else "no attributes known to colour by"
+    note = f"v_s of {len(points)} clips ({embedding['duration']} input), {colours}."
     return figure + _note(note)
 
 
@@ -386,7 +399,7 @@ def render_report(metrics: Mapping[str, Any], media: Mapping[str, Any], out_path
         "matching": matching(metrics),
         "attributes": attributes(metrics),
         "groups": groups(metrics),
-        "grids": grids(media.get("grid", {})),
+        "grids": grids(media.get("grid")),
         "tsne": tsne(media["embedding"]) if "embedding" in media else _note("No features were given."),
         "ethics": ethics(metrics),
     }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -89,6 +88,7 @@ def test_missing_tool_is_reported_not_raised(monkeypatch, capsys):
     assert "not available in this version" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_python_dash_m_is_the_same_command():
     done = subprocess.run([sys.executable, "-m", "s2f", "--help"], capture_output=True, text=True,
                           cwd=REPO, timeout=120)
@@ -251,6 +251,7 @@ SAVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_kill_mid_save_never_leaves_a_truncated_checkpoint(tmp_path):
     path = tmp_path / "checkpoints" / "last.ckpt"
     rng = random.Random(0)

@@ -24,6 +24,8 @@ from shards import schema
 IDENTITIES, FACES_PER_IDENTITY = 10, 4
 VAL_IDENTITIES = 2  # the last ones
 TINY_SIZE = 32  # the tiny preset's output side
+# Rendering, aligning and describing the 40 faces takes 15-45 s on 2 CPU cores.
+pytestmark = pytest.mark.slow
 
 
 def _appearance(identity: int) -> FaceAppearance:
@@ -123,7 +125,7 @@ def test_batches_hold_targets_in_the_mean_geometry(shards):
 
 def test_unknown_teacher_and_wrong_image_size_are_refused(shards):
     with pytest.raises(ValueError, match="vggface"):
-        FaceDecoderModule(preset="tiny", teacher="facenet")
+        FaceDecoderModule(preset="tiny", identity_teacher="facenet")
     data = FaceShardDataModule(str(shards), image_size=64, num_workers=0)
     data.prepare_data()
     data.setup("fit")
@@ -131,11 +133,10 @@ def test_unknown_teacher_and_wrong_image_size_are_refused(shards):
         FaceDecoderModule(preset="tiny")._take_geometry(data)
 
 
-@pytest.mark.slow
 def test_training_lowers_the_loss_and_round_trips(shards, tmp_path, caplog):
     pl.seed_everything(0)
     data = _datamodule(shards)
-    module = FaceDecoderModule(preset="tiny", in_dim=128, teacher="dlib", lr=1e-2)
+    module = FaceDecoderModule(preset="tiny", in_dim=128, identity_teacher="dlib", lr=1e-2)
     trace = LossTrace()
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=40, max_epochs=-1, val_check_interval=20,

@@ -1,4 +1,7 @@
-"""`s2f evaluate`, its report and the validation retrieval callback, on tiny shards and a tiny model."""
+"""`s2f evaluate`, its report and the validation retrieval callback, on tiny shards and a tiny model.
+
+Tests that run the model over the shards are marked slow (about 20 s for the module's fixtures).
+"""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from datamodules.bench import speechlike_wave, write_split
 from s2f import evaluate as ev
 from s2f import metrics as m
 from s2f.module import Speech2Face
-from s2f.report import SECTIONS
+from s2f.report import SECTIONS, render_report
 from s2f.teacher import TeacherHead
 from shards import schema
 
@@ -111,6 +114,7 @@ def features(world):
 # ----------------------------------------------------------------------------- evaluate
 
 
+@pytest.mark.slow
 def test_cli_rerun_gives_identical_metrics_and_files(world, first_run):
     out = first_run["out"]
     tuples = (out / ev.TUPLE_FILES["random"]).read_bytes()
@@ -122,6 +126,7 @@ def test_cli_rerun_gives_identical_metrics_and_files(world, first_run):
     assert (out / ev.TUPLE_FILES["random"]).read_bytes() == tuples
 
 
+@pytest.mark.slow
 def test_saved_tuples_are_reused(first_run, features, tmp_path):
     # A saved trial list wins over n_tuples: the run scores exactly the saved trials.
     saved = m.load_tuples(first_run["out"] / ev.TUPLE_FILES["random"])[:50]
@@ -134,13 +139,15 @@ def test_saved_tuples_are_reused(first_run, features, tmp_path):
     assert result["random"]["durations"]["6s"]["cosine"] == {"accuracy": accuracy, "ci": [low, high]}
 
 
-def test_stale_tuples_are_refused(world, first_run, features, tmp_path):
+@pytest.mark.slow
+def test_stale_tuples_are_refused(features, tmp_path):
     bad = np.array([[0, 0, 1]])  # clips 0 and 1 are the same speaker: no impostor
     m.save_tuples(tmp_path / ev.TUPLE_FILES["random"], bad)
     with pytest.raises(ValueError, match="do not fit this split"):
         ev.matching(features, tmp_path, seed=0, n_tuples=TUPLES)
 
 
+@pytest.mark.slow
 def test_metrics_agree_with_s2f_metrics_on_the_same_features(first_run, features):
     metrics, n = first_run["metrics"], len(features.keys)
     gallery = m.sample_gallery(n, GALLERY, 0)
@@ -160,6 +167,7 @@ def test_metrics_agree_with_s2f_metrics_on_the_same_features(first_run, features
         assert metrics["identity_retrieval"][label]["chance"] == pytest.approx(m.identity_chance_recall(ids, ids))
 
 
+@pytest.mark.slow
 def test_matching_scores_the_saved_trials(first_run, features):
     out, metrics = first_run["out"], first_run["metrics"]
     for kind, file in ev.TUPLE_FILES.items():
@@ -171,6 +179,7 @@ def test_matching_scores_the_saved_trials(first_run, features):
     assert (genders[same[:, 0]] == genders[same[:, 2]]).all()
 
 
+@pytest.mark.slow
 def test_oracle_uses_every_voice_linked_truth(first_run):
     oracle = first_run["metrics"]["oracle"]
     assert oracle["fields"] == ["gender", "origin", "age", "face_width", "jaw_width"]
@@ -190,6 +199,7 @@ def test_oracle_ranks_break_ties_at_random():
     assert abs(ranks[:, :3].mean() - 2.0) < 0.1
 
 
+@pytest.mark.slow
 def test_attribute_probes_and_groups(first_run):
     metrics = first_run["metrics"]
     probes = metrics["attributes"]["linear_probe"]
@@ -205,11 +215,13 @@ def test_attribute_probes_and_groups(first_run):
     assert sum(n for _, n, _ in groups["gender"]["angle"].values()) == GALLERY
 
 
+@pytest.mark.slow
 def test_probe_reader_without_a_training_split(features, tmp_path):
     result = ev.probe_reader(ev.Evaluation(features, tmp_path, tmp_path / "missing"))
     assert "--train-shards" in result["skipped"]
 
 
+@pytest.mark.slow
 def test_report_has_every_section_and_every_image_decodes(first_run):
     page = (first_run["out"] / ev.REPORT_FILE).read_text()
     for name in SECTIONS:
@@ -221,6 +233,14 @@ def test_report_has_every_section_and_every_image_decodes(first_run):
         Image.open(io.BytesIO(base64.b64decode(data))).verify()
     assert page.count('class="true"') >= ev.GRID_QUERIES  # every query's true face is marked
     assert "5,000-face AVSpeech gallery" in page
+
+
+@pytest.mark.slow
+def test_report_renders_from_metrics_json_alone(first_run, tmp_path):
+    metrics = json.loads(first_run["bytes"])
+    page = render_report(metrics, {}, tmp_path / "report.html").read_text()
+    assert all(f'<section id="{name}">' in page for name in SECTIONS)
+    assert "<th>R@1 %</th><th>R@2 %</th><th>R@5 %</th><th>R@10 %</th>" in page  # k order survives JSON
 
 
 def test_durations_longer_than_the_clips_are_refused():
@@ -266,6 +286,7 @@ def _validation_batches(features: ev.SplitFeatures, world, with_faces: bool) -> 
     return batches
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("faces_in_batch", [True, False])
 def test_callback_logs_retrieval_metrics_and_a_grid(world, features, tmp_path, faces_in_batch):
     module = Speech2Face.load_from_checkpoint(world["ckpt"], weights_only=True)
@@ -286,3 +307,28 @@ def test_callback_logs_retrieval_metrics_and_a_grid(world, features, tmp_path, f
     assert metrics["val_retrieval/angle"] == pytest.approx(m.angles_deg(v_s, v_f).mean().item(), rel=1e-5)
     grids = [entry["val_retrieval/grid"] for entry in run.logged if "val_retrieval/grid" in entry]
     assert len(grids) == 1 and grids[0][0].image.size == (6 * 96, 4 * 96)
+
+
+class RankShare(torch.utils.data.IterableDataset):
+    """Batch i goes to rank i % 2: with an odd batch count the ranks hold different numbers of clips."""
+
+    def __init__(self, batches: list[dict]):
+        self.batches = batches
+
+    def __iter__(self):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        return iter(self.batches[rank::2])
+
+
+@pytest.mark.slow
+def test_callback_gathers_uneven_ranks(world, features, tmp_path):
+    module = Speech2Face.load_from_checkpoint(world["ckpt"], weights_only=True)
+    batches = _validation_batches(features, world, with_faces=True)  # 5 batches: 14 + 10 clips
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", use_distributed_sampler=False,
+                         logger=WandbLogger(experiment=RecordingRun(tmp_path), save_dir=tmp_path),
+                         callbacks=[RetrievalMetrics(ks=(1, 5))], enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    metrics = trainer.validate(module, DataLoader(RankShare(batches), batch_size=None), verbose=False)[0]
+    expected = m.retrieval_recall(features.v_s["6s"], features.v_f, ks=(1, 5))  # order-free
+    assert metrics["val_retrieval/gallery"] == len(features.keys)
+    assert metrics["val_retrieval/recall@5"] == pytest.approx(expected["recall@5"])
