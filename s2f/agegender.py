@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from s2f.teacher import check_state_dict
+
 INPUT_SIZE = 112  # pixels, square network input
 RGB_MEAN = (122.782, 117.001, 104.298)  # face-api's per-channel mean (R, G, B), 0-255 scale
 RGB_SCALE = 255.0  # face-api divides the mean-subtracted pixels by this
@@ -323,20 +325,8 @@ class AgeGenderNet(nn.Module):
         manifest = Path(model_dir) / MANIFEST_NAME
         state = tfjs_to_state_dict(read_tfjs_weights(model_dir))
         model = cls()
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unused = sorted(set(state) - set(expected))
-        if missing or unused:
-            raise AgeGenderLoadError(
-                f"{manifest}: not face-api's AgeGenderNet: missing {missing[:5]}, "
-                f"unused {unused[:5]}; {FETCH_HINT} (face-api 1.7.15)"
-            )
-        for key, value in state.items():
-            if value.shape != expected[key].shape:
-                raise AgeGenderLoadError(
-                    f"{manifest}: {key} has shape {tuple(value.shape)}, "
-                    f"expected {tuple(expected[key].shape)}"
-                )
+        check_state_dict(manifest, state, model.state_dict(), "face-api's AgeGenderNet",
+                         f"{FETCH_HINT} (face-api 1.7.15)", AgeGenderLoadError)
         model.load_state_dict(state)
         return model.requires_grad_(False).eval()
 

@@ -43,20 +43,17 @@ def freeze(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
-def _check_keys(path: Path, state: dict, expected: dict) -> None:
+def check_state_dict(
+    source: Path, state: dict, expected: dict, layout: str, fix: str, error: type = TeacherLoadError
+) -> None:
+    """Strict key and shape check of a loaded state dict; `error` names the first problems."""
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:
-        raise TeacherLoadError(
-            f"{path}: not a vgg_face_dag state dict: missing keys {missing[:5]}, "
-            f"unexpected keys {extra[:5]}; pass the vgg_face_dag.pth release"
-        )
+        raise error(f"{source}: not {layout}: missing keys {missing[:5]}, unexpected keys {extra[:5]}; {fix}")
     for key, value in expected.items():
         if state[key].shape != value.shape:
-            raise TeacherLoadError(
-                f"{path}: key {key} has shape {tuple(state[key].shape)}, "
-                f"expected {tuple(value.shape)}"
-            )
+            raise error(f"{source}: key {key} has shape {tuple(state[key].shape)}, expected {tuple(value.shape)}")
 
 
 class VGGFace(nn.Module):
@@ -94,7 +91,8 @@ class VGGFace(nn.Module):
             raise TeacherLoadError(f"{path}: no such VGG-Face weight file")
         state = torch.load(path, map_location="cpu", weights_only=True)
         model = cls()
-        _check_keys(path, state, model.state_dict())
+        check_state_dict(path, state, model.state_dict(), "a vgg_face_dag state dict",
+                         "pass the vgg_face_dag.pth release")
         model.load_state_dict(state, strict=True)
         return freeze(model)
 

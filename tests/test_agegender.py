@@ -114,7 +114,7 @@ def test_loader_rejects_missing_and_unused_tensors(tmp_path):
     with pytest.raises(AgeGenderLoadError, match=r"missing.*exit_flow\.separable_conv\.pointwise"):
         AgeGenderNet.load(tmp_path)
     _write_manifest(tmp_path, {**tensors, "fc/extra/bias": np.zeros(3, np.float32)})
-    with pytest.raises(AgeGenderLoadError, match="unused.*fc.extra.bias"):
+    with pytest.raises(AgeGenderLoadError, match="unexpected keys.*fc.extra.bias"):
         AgeGenderNet.load(tmp_path)
 
 
