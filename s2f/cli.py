@@ -1,8 +1,10 @@
 """The `s2f` command.
 
-`s2f fit|validate|test|predict` are LightningCLI's, with `Speech2Face` (or a subclass, chosen with
-`--model CLASS`) and `ShardDataModule` (or a subclass, `--data CLASS`); every argument can be set
-in YAML (`--config`) or on the command line. On top of LightningCLI:
+`s2f fit|validate|test|predict` are LightningCLI's, with `Speech2Face` by default or any other
+LightningModule (`--model CLASS`, e.g. the face decoder's `s2f.decoder_training.FaceDecoderModule`)
+and `ShardDataModule` by default or any other DataModule (`--data CLASS`, e.g.
+`datamodules.dali.DaliShardDataModule`); every argument can be set in YAML (`--config`) or on the
+command line. On top of LightningCLI:
 
 - `--trainer.default_root_dir` is the run directory (`s2f.run`): checkpoints, W&B id, config
   fingerprint. `s2f fit` into a run directory that holds checkpoints resumes from the newest one
@@ -24,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import yaml
 from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -32,23 +35,24 @@ from pytorch_lightning.plugins import CheckpointIO
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from callbacks.throughput import KeyLog, Throughput
-from datamodules.shards import SPLIT_PLACEHOLDER, ShardDataModule
+from datamodules.shards import SPLIT_PLACEHOLDER
 from s2f import run
-from s2f.module import Speech2Face
 
 REQUIRED = "???"  # a YAML value the user has to replace
 TRAINING = {
     "fit": "train a model (resumes automatically in a run directory that holds checkpoints)",
     "validate": "validation metrics of a checkpoint (--ckpt_path)",
     "test": "test-split metrics of a checkpoint (--ckpt_path)",
-    "predict": "predictions of a checkpoint (--ckpt_path)",
+    "predict": "predictions of a checkpoint (--ckpt_path); `s2f predict AUDIO ...` is the tool below",
 }
 TOOLS = {  # subcommand: ("module:function", help); the function takes the remaining argv
     "shards": ("shards.cli:main", "build WebDataset shards from a source (AVSpeech, VoxCeleb, videos, demo)"),
     "demo": ("s2f.demo.cli:main", "the built-in synthetic world, end to end on a laptop"),
     "evaluate": ("s2f.evaluate:main", "run a checkpoint over a test split -> metrics.json + report"),
     "bench": ("s2f.bench:main", "measure data loading and training throughput"),
+    "predict": ("s2f.predict:main", "AUDIO --ckpt CKPT [--decoder DEC] --out DIR: a voice -> feature (+ face)"),
 }
+DEFAULT_CLASSES = {"model": "s2f.module.Speech2Face", "data": "datamodules.shards.ShardDataModule"}
 DEFAULT_RUN_DIR = "runs/s2f"
 TRAINER_DEFAULTS = {
     "default_root_dir": DEFAULT_RUN_DIR,
@@ -91,6 +95,11 @@ def module_exists(name: str) -> bool:
         return False
 
 
+def is_lightning_predict(argv: list[str]) -> bool:
+    """`s2f predict --config ...` is LightningCLI's; `s2f predict AUDIO ...` is the audio tool."""
+    return argv[0] == "predict" and (len(argv) == 1 or argv[1].startswith("-"))
+
+
 def run_tool(name: str, argv: list[str]) -> int:
     target, _ = TOOLS[name]
     if not module_exists(target.partition(":")[0]):
@@ -120,6 +129,10 @@ def check_paths(subcommand: str, config: Namespace) -> None:
     if subcommand == "fit" and teacher is not None and not Path(teacher).is_file():
         raise ConfigError(f"model.teacher: no such file {teacher!r}; give the path of vgg_face_dag.pth "
                           "or of the shards' teacher_head.pt")
+    decoder = getattr(model, "decoder_ckpt", None)
+    if subcommand == "fit" and decoder is not None and not Path(decoder).is_file():
+        raise ConfigError(f"model.decoder_ckpt: no such file {decoder!r}; train a decoder with "
+                          "`s2f fit --config configs/decoder-demo.yaml` and pass its checkpoint")
     root = getattr(data, "root", None)
     is_local = root is not None and SPLIT_PLACEHOLDER not in root and ":" not in root
     if is_local and not Path(root).is_dir():
@@ -151,6 +164,7 @@ class S2FCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(run.CheckpointPolicy, "checkpoint")
+        parser.set_defaults({key: {"class_path": path} for key, path in DEFAULT_CLASSES.items()})
 
     @property
     def run_dir(self) -> Path:
@@ -207,11 +221,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
-    if argv[0] in TOOLS:
+    if argv[0] in TOOLS and not is_lightning_predict(argv):
         return run_tool(argv[0], argv[1:])
     try:
         S2FCLI(
-            Speech2Face, ShardDataModule, subclass_mode_model=True, subclass_mode_data=True,
+            pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
             save_config_callback=LogConfig, save_config_kwargs={"overwrite": True},
             # args=None lets LightningCLI read sys.argv itself (it warns when given both).
             trainer_defaults=TRAINER_DEFAULTS, args=None if from_process else argv,

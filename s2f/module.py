@@ -2,8 +2,9 @@
 
 A batch is `{"spec": (B, 2, T, 257)}` or `{"wav": (B, N)}` (the spectrogram is then computed on
 the batch's device), plus `"fc7": (B, D)`, the teacher feature v_f. The loss is `Speech2FaceLoss`
-through the teacher's frozen fc8 (`teacher`: a `vgg_face_dag.pth` or a `teacher_head.pt`, loaded
-in `setup`, so a checkpoint alone rebuilds the module from its state dict).
+through the teacher's frozen fc8 (`teacher`: a `vgg_face_dag.pth` or a `teacher_head.pt`) and,
+with `decoder_ckpt`, the face decoder's first layer taken pre-activation as the frozen f_dec.
+Both are loaded in `setup` and live in the state dict, so a checkpoint alone rebuilds the module.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from s2f.audio import spectrogram
+from s2f.audio import SAMPLE_RATE, num_frames, spectrogram
 from s2f.encoder import VoiceEncoder
 from s2f.loss import LAMBDA1, LAMBDA2, TEMPERATURE, Speech2FaceLoss
 from s2f.metrics import feature_similarity, retrieval_recall
@@ -69,6 +70,9 @@ class Speech2Face(pl.LightningModule):
         feature_dim: D of the teacher feature (4096 for VGG-Face fc7, 128 for dlib).
         num_classes: outputs of the teacher's classifier (2622 for VGG-Face).
         teacher: path of the frozen classifier for the distillation term.
+        decoder_ckpt: a FaceDecoderModule checkpoint whose first layer (D -> decoder_dim,
+            pre-activation) becomes the frozen f_dec of the L1 term; None: that term is 0.
+        decoder_dim: output width of that layer (1000 for the paper's decoder).
         freq_bins: override of the preset's frequency bins.
         lambda1, lambda2, temperature: loss weights and distillation temperature (SPEC 4).
         lr, betas, eps, lr_decay, lr_decay_steps: Adam and its step decay (SPEC 5), set for
@@ -77,6 +81,11 @@ class Speech2Face(pl.LightningModule):
             `scaled_lr_schedule` (square-root rule); off: the values are used as given.
         schedule: "step" (x lr_decay every lr_decay_steps, the paper's) or "linear" (decay to 0
             over the run's steps: for fixed-budget runs, where a constant tail makes scores swing).
+        train_seconds: train on a random window of this many seconds of each batch (the
+            encoder's temporal pool takes any length; 3 s costs a third of 6 s on a CPU);
+            None: the whole input. Validation always sees the whole input.
+        channels_last: NHWC memory format for the encoder and its input (faster convolutions
+            on GPUs with tensor cores and with oneDNN on CPUs).
     """
 
     def __init__(
@@ -85,6 +94,8 @@ class Speech2Face(pl.LightningModule):
         feature_dim: int = 4096,
         num_classes: int = 2622,
         teacher: str | None = None,
+        decoder_ckpt: str | None = None,
+        decoder_dim: int = 1000,
         freq_bins: int | None = None,
         lambda1: float = LAMBDA1,
         lambda2: float = LAMBDA2,
@@ -96,6 +107,8 @@ class Speech2Face(pl.LightningModule):
         lr_decay_steps: int = LR_DECAY_STEPS,
         scale_lr_with_batch: bool = False,
         schedule: str = "step",
+        train_seconds: float | None = None,
+        channels_last: bool = False,
     ):
         super().__init__()
         if schedule not in SCHEDULES:
@@ -103,14 +116,32 @@ class Speech2Face(pl.LightningModule):
         self.save_hyperparameters()
         overrides = {"out_dim": feature_dim} | ({"freq_bins": freq_bins} if freq_bins else {})
         self.encoder = VoiceEncoder.from_preset(encoder, **overrides)
+        f_dec = nn.Linear(feature_dim, decoder_dim) if decoder_ckpt else None
         self.loss = Speech2FaceLoss(
-            nn.Linear(feature_dim, num_classes), None, lambda1, lambda2, temperature
+            nn.Linear(feature_dim, num_classes), f_dec, lambda1, lambda2, temperature
         )
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def setup(self, stage: str) -> None:
+        if self.hparams.channels_last:
+            self.encoder.to(memory_format=torch.channels_last)
         if stage == "fit":
             self._load_teacher()
+            if self.hparams.decoder_ckpt:
+                self._load_decoder_layer()
+
+    def _load_decoder_layer(self) -> None:
+        from s2f.decoder_training import load_decoder
+
+        first = load_decoder(self.hparams.decoder_ckpt).first  # D -> decoder_dim, before its ReLU
+        expected = (self.hparams.decoder_dim, self.hparams.feature_dim)
+        if tuple(first.weight.shape) != expected:
+            raise ValueError(
+                f"{self.hparams.decoder_ckpt}: the decoder's first layer maps {first.in_features} -> "
+                f"{first.out_features}, but model.feature_dim={expected[1]} and "
+                f"model.decoder_dim={expected[0]}; set them to match the decoder"
+            )
+        self.loss.f_dec.load_state_dict(first.state_dict())
 
     def _load_teacher(self) -> None:
         if self.hparams.teacher is None:
@@ -130,14 +161,26 @@ class Speech2Face(pl.LightningModule):
 
     def forward(self, spec: torch.Tensor) -> torch.Tensor:
         """(B, 2, T, Q) -> v_s (B, D)."""
+        if self.hparams.channels_last:
+            spec = spec.contiguous(memory_format=torch.channels_last)
         return self.encoder(spec)
+
+    def training_window(self, spec: torch.Tensor) -> torch.Tensor:
+        """A random `train_seconds` window of (B, 2, T, Q), the same for the whole batch."""
+        if self.hparams.train_seconds is None:
+            return spec
+        frames = num_frames(round(self.hparams.train_seconds * SAMPLE_RATE))
+        if frames >= spec.shape[2]:
+            return spec
+        start = int(torch.randint(spec.shape[2] - frames + 1, ()))
+        return spec[:, :, start : start + frames]  # (B, 2, frames, Q)
 
     @staticmethod
     def batch_spectrogram(batch: dict) -> torch.Tensor:
         return batch["spec"] if "spec" in batch else spectrogram(batch["wav"])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        v_s = self(self.batch_spectrogram(batch))
+        v_s = self(self.training_window(self.batch_spectrogram(batch)))
         terms = self.loss(v_s, batch["fc7"])
         batch_size = v_s.shape[0]
         for name, value in terms.items():

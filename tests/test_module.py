@@ -124,3 +124,49 @@ def test_waveform_batches_get_their_spectrogram():
     wav = torch.randn(2, 16_000)
     spec = Speech2Face.batch_spectrogram({"wav": wav})
     assert spec.shape == (2, 2, 98, 257)
+
+
+def test_decoder_first_layer_becomes_the_frozen_f_dec(tmp_path):
+    from s2f.decoder_training import FaceDecoderModule, load_decoder
+
+    decoder_module = FaceDecoderModule(preset="tiny", in_dim=DIM)
+    path = tmp_path / "decoder.ckpt"
+    torch.save({"hyper_parameters": dict(decoder_module.hparams), "state_dict": decoder_module.state_dict()}, path)
+    first = load_decoder(path).first
+    pairs = FixedPairs()
+    module = Speech2Face(encoder="tiny", feature_dim=DIM, num_classes=CLASSES, freq_bins=BINS,
+                         teacher=teacher_file(tmp_path, pairs), decoder_ckpt=str(path),
+                         decoder_dim=first.out_features)
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         limit_val_batches=0)
+    trainer.fit(module, DataLoader(pairs, batch_size=8))
+    torch.testing.assert_close(module.loss.f_dec.weight, first.weight)  # loaded, and never trained
+    assert not module.loss.f_dec.weight.requires_grad
+    assert trainer.logged_metrics["train/dec"] > 0
+    wrong = Speech2Face(encoder="tiny", feature_dim=DIM, num_classes=CLASSES, freq_bins=BINS,
+                        teacher=teacher_file(tmp_path, pairs), decoder_ckpt=str(path), decoder_dim=999)
+    try:
+        pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                   default_root_dir=tmp_path).fit(wrong, DataLoader(pairs, batch_size=8))
+    except ValueError as error:
+        assert "model.decoder_dim=999" in str(error)
+    else:
+        raise AssertionError("a decoder of another width must be refused")
+
+
+def test_training_window_and_channels_last():
+    module = Speech2Face(encoder="tiny", feature_dim=DIM, num_classes=CLASSES, train_seconds=1.0,
+                         channels_last=True)
+    spec = torch.randn(2, 2, 598, 257)
+    window = module.training_window(spec)
+    assert window.shape == (2, 2, 98, 257)  # 1 s = 16,000 samples = 98 frames
+    start = next(s for s in range(598 - 97) if torch.equal(spec[:, :, s : s + 98], window))
+    assert 0 <= start <= 500
+    module.setup("validate")
+    assert module.encoder.features[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    module.eval()
+    reference = Speech2Face(encoder="tiny", feature_dim=DIM, num_classes=CLASSES).eval()
+    reference.load_state_dict(module.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(module(spec), reference(spec), rtol=1e-4, atol=1e-4)
