@@ -3,7 +3,9 @@
 `Throughput` logs per optimiser step:
 - `perf/samples_per_s`: samples of all ranks per second of wall time between consecutive
   batch ends (data loading included: what the run really achieves);
-- `perf/step_s`: seconds from batch start to batch end on this rank (forward, backward, step).
+- `perf/step_s`: seconds from batch start to batch end on this rank (forward, backward, step);
+and global rank 0 prints a plain `s2f fit: step N` line every `log_every_n_steps` steps, for
+batch logs (Slurm's output files) where no progress bar is drawn.
 
 `KeyLog` appends one JSON line per training batch to the file named by the environment variable
 `S2F_LOG_KEYS` (global rank > 0 appends to `<file>.rank<r>`): `{"step", "epoch", "keys"}`.
@@ -65,6 +67,8 @@ class Throughput(Callback):
             rate = size * trainer.world_size / max(now - self._last_end, 1e-9)
             pl_module.log("perf/samples_per_s", rate, on_step=True, on_epoch=False, batch_size=size)
         self._last_end = now
+        if trainer.is_global_zero and trainer.global_step % trainer.log_every_n_steps == 0:
+            print(f"s2f fit: step {trainer.global_step}", flush=True)
 
 
 class KeyLog(Callback):

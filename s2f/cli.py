@@ -180,6 +180,9 @@ class S2FCLI(LightningCLI):
             if config.ckpt_path is None:
                 newest = run.newest_checkpoint(self.run_dir)
                 config.ckpt_path = str(newest) if newest is not None else None
+            if config.ckpt_path is not None and rank_zero_only.rank == 0:
+                step = run.checkpoint_step(Path(config.ckpt_path))
+                print(f"s2f fit: resumed from {config.ckpt_path} at step {step}", flush=True)
         self._prepare_loggers(config.trainer)
 
     def _prepare_loggers(self, trainer: Namespace) -> None:

@@ -114,7 +114,10 @@ class TeacherHead(nn.Module):
     """A frozen linear identity classifier (B, D) -> (B, classes): fc8 for teachers without one.
 
     Fitted by multinomial logistic regression (full-batch L-BFGS, deterministic) on teacher
-    features and identity labels.
+    features and identity labels. The L2 weight is small (1e-6): stronger decay leaves the
+    logits nearly flat, and the distillation term then has almost no signal to pass on (on the
+    demo world 1e-4 gave a softmax(z / 2) entropy of 5.41 nats for 228 classes, 1e-6 gave 4.4
+    and the best held-out clip accuracy).
     """
 
     def __init__(self, feature_dim: int, num_classes: int):
@@ -139,7 +142,7 @@ class TeacherHead(nn.Module):
         features: torch.Tensor,
         labels: torch.Tensor,
         iterations: int = 200,
-        weight_decay: float = 1e-4,
+        weight_decay: float = 1e-6,
     ) -> "TeacherHead":
         """Fit on features (N, D) and integer identity labels (N,) in [0, classes)."""
         if features.dim() != 2 or labels.shape != features.shape[:1]:

@@ -33,7 +33,8 @@ class FixedPairs(Dataset):
 def teacher_file(tmp_path, pairs: FixedPairs):
     labels = torch.arange(2 * CLASSES) % CLASSES
     path = tmp_path / "teacher_head.pt"
-    TeacherHead.fit(pairs.identity_features, labels).save(path)
+    # Soft teacher logits (strong L2), like a classifier trained on far more identities.
+    TeacherHead.fit(pairs.identity_features, labels, weight_decay=1e-4).save(path)
     return str(path)
 
 
@@ -170,3 +171,15 @@ def test_training_window_and_channels_last():
     reference.load_state_dict(module.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(module(spec), reference(spec), rtol=1e-4, atol=1e-4)
+
+
+def test_linear_schedule_reaches_zero_at_the_last_step(tmp_path):
+    pairs = FixedPairs()
+    module = Speech2Face(encoder="tiny", feature_dim=DIM, num_classes=CLASSES, freq_bins=BINS,
+                         teacher=teacher_file(tmp_path, pairs), schedule="linear")
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         limit_val_batches=0)
+    trainer.fit(module, DataLoader(pairs, batch_size=8))
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.0
+    assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0] == 0.0

@@ -62,11 +62,29 @@ class Training:
     extra_args: list[str] = field(default_factory=list)
 
 
+def demo_shards(folder: Path) -> list[str]:
+    """Shards and a teacher head for configs/demo.yaml; -> the fit arguments that point at them."""
+    from s2f.teacher import TeacherHead
+    from shards.schema import TEACHER_HEAD
+    from tests.shard_factory import make_shards, round_robin_assignment
+
+    root = make_shards(folder / "shards", speakers=12, clips_per_speaker=8, feature_dim=128,
+                       samples_per_shard=8, assignment=round_robin_assignment(12))
+    features = torch.rand(24, 128)
+    TeacherHead.fit(features, torch.arange(24) % 6).save(root / TEACHER_HEAD)
+    return [f"--data.root={root}", f"--model.teacher={root / TEACHER_HEAD}", "--model.num_classes=6",
+            "--data.batch_size=8", "--model.train_seconds=1.0", f"--trainer.max_steps={MAX_STEPS}",
+            "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
+            "--checkpoint.every_n_train_steps=10"]
+
+
+def demo_config(folder: Path) -> Path:
+    return REPO / "configs" / "demo.yaml"
+
+
 FAKE = Training([sys.executable, str(REPO / "tests" / "slurm_fake_train.py")], tiny_config)
-# The real CLI, once it prints the STEP_RE/RESUME_RE lines:
-# REAL = Training([str(REPO / ".venv/bin/s2f"), "fit"], lambda _: REPO / "configs/demo.yaml",
-#                 [f"--trainer.max_steps={MAX_STEPS}"])
-TRAININGS = [pytest.param(FAKE, id="fake-lightning")]
+REAL = Training([sys.executable, "-m", "s2f", "fit"], demo_config)
+TRAININGS = [pytest.param(FAKE, id="fake-lightning"), pytest.param(REAL, id="s2f-fit-demo")]
 
 
 def slurm_env(conf: Path) -> dict[str, str]:
@@ -142,11 +160,12 @@ def test_preempted_job_requeues_and_resumes(
     training: Training, cluster: dict[str, str], tmp_path: Path
 ) -> None:
     config = training.config(tmp_path)
+    extra_args = training.extra_args + (demo_shards(tmp_path) if training is REAL else [])
     log = tmp_path / "job.out"
     env = cluster | {"S2F_CMD": " ".join(training.cmd)}
     submit = subprocess.run(
         ["sbatch", "--parsable", "--ntasks-per-node=2", "--cpus-per-task=1", f"--output={log}",
-         str(TRAIN_SH), str(config), *training.extra_args],
+         str(TRAIN_SH), str(config), *extra_args],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
     )
     assert submit.returncode == 0, submit.stderr
@@ -183,6 +202,10 @@ def test_preempted_job_requeues_and_resumes(
     assert resumed_path == hpc, text
     assert resumed_step == hpc_step >= SIGNAL_AT_STEP, text
     assert last_step(log) == MAX_STEPS, text
+    if training is REAL:  # one W&B run across the requeue: the id is kept in the run directory
+        run_id = (run_dir / "wandb_id").read_text().strip()
+        runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+        assert len(runs) == 2 and all(name.endswith(run_id) for name in runs), runs
 
 
 def test_train_sh_refuses_to_run_outside_a_job() -> None:
