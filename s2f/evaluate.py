@@ -28,6 +28,7 @@ Durations are keyed "3s", "6s"; recalls are fractions; `{"value", "ci"}` holds a
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import math
@@ -59,6 +60,7 @@ ORACLE_CATEGORICAL = ("gender", "origin")
 ORACLE_NUMERIC = ("age", "face_width", "jaw_width")
 GRID_QUERIES = 8  # queries shown with their retrieved faces
 GRID_TOP = 5  # retrieved faces per query
+FACE_CHUNK = 64  # faces decoded or read by a face network at a time
 EMBEDDING_MAX = 1_000  # v_s points handed to the report's t-SNE (minutes on 2 CPU cores)
 METRICS_FILE, REPORT_FILE = "metrics.json", "report.html"
 TUPLE_FILES = {"random": "tuples.json", "same_gender": "tuples_same_gender.json"}
@@ -368,6 +370,7 @@ class Evaluation:
     split: SplitFeatures
     shards: Path
     train_shards: Path | None
+    decoder: Path | None = None
 
 
 def probe_reader(evaluation: Evaluation) -> dict[str, Any]:
@@ -398,11 +401,58 @@ def probe_reader(evaluation: Evaluation) -> dict[str, Any]:
     return out or {"skipped": f"{train}: no attribute with 2 or more known classes"}
 
 
+def _decoded_faces(decoder: Any, features: torch.Tensor) -> list[np.ndarray]:
+    """Canonical faces decoded from (N, D) features as RGB uint8 (H, W, 3) arrays."""
+    faces = []
+    with torch.no_grad():
+        for chunk in features.float().split(FACE_CHUNK):
+            images = decoder(chunk)["image"].clamp(0, 1)  # (B, 3, H, W) in [0, 1]
+            faces += list((images * 255).round().byte().permute(0, 2, 3, 1).numpy())
+    return faces
+
+
+def _read_age_gender(net: Any, faces: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(gender labels, age-decade labels) of RGB face images, read in chunks."""
+    genders, decades = [], []
+    for start in range(0, len(faces), FACE_CHUNK):
+        found = net.predict(faces[start : start + FACE_CHUNK])
+        genders += found.gender.tolist()
+        decades += [m.age_decade(float(age)) for age in found.age]
+    return np.array(genders), np.array(decades)
+
+
+def agegender_reader(evaluation: Evaluation) -> dict[str, Any]:
+    """Reader (b): face-api's AgeGenderNet on face images: the clip's own face (reference) vs the
+    canonical face decoded from v_s (prediction). Needs --decoder and the weights (make faceapi)."""
+    from s2f.agegender import DEFAULT_MODEL_DIR, MANIFEST_NAME, AgeGenderNet
+
+    if evaluation.decoder is None:
+        return {"skipped": "reads faces decoded from v_s: pass --decoder DECODER_CKPT"}
+    if not (DEFAULT_MODEL_DIR / MANIFEST_NAME).is_file():
+        return {"skipped": f"no AgeGenderNet weights in {DEFAULT_MODEL_DIR}; run `make faceapi`"}
+    from PIL import Image
+
+    from s2f.decoder_training import load_decoder
+
+    net, decoder, split = AgeGenderNet.load(), load_decoder(evaluation.decoder), evaluation.split
+    jpegs = read_faces(evaluation.shards, split.keys)
+    originals = [np.asarray(Image.open(io.BytesIO(jpegs[key])).convert("RGB")) for key in split.keys]
+    reference = dict(zip(("gender", "age_decade"), _read_age_gender(net, originals)))
+    out: dict[str, Any] = {name: {"durations": {}} for name in reference}
+    for label, v_s in split.v_s.items():
+        predicted = dict(zip(("gender", "age_decade"), _read_age_gender(net, _decoded_faces(decoder, v_s))))
+        for name in reference:
+            truth = label_column(split.attributes, name)
+            truth = truth.astype(str) if all(v is not None for v in truth) else None
+            out[name]["durations"][label] = m.label_agreement(
+                reference[name], predicted[name], sorted(set(reference[name])), truth)
+    return out
+
+
 Reader = Callable[[Evaluation], dict[str, Any]]
 # Attribute readers: name -> reader. Each returns {attribute: {"durations": {dur:
-# attribute_agreement(...)}, ...}} or {"skipped": reason}; add a reader here (e.g. an age/gender
-# network on decoded face images) and the report shows it as its own block.
-READERS: dict[str, Reader] = {"linear_probe": probe_reader}
+# label_agreement(...)}, ...}} or {"skipped": reason}; the report shows each as its own block.
+READERS: dict[str, Reader] = {"linear_probe": probe_reader, "agegender_net": agegender_reader}
 
 
 # ----------------------------------------------------------------------------- groups and media
@@ -488,12 +538,13 @@ def evaluate(
     ckpt: str | Path, shards: str | Path, out: str | Path, gallery_size: int = m.DEFAULT_GALLERY_SIZE,
     durations: Sequence[float] = DEFAULT_DURATIONS, seed: int = 0, train_shards: str | Path | None = None,
     batch_size: int = 32, device: str | None = None, n_tuples: int = m.DEFAULT_N_TUPLES,
-    readers: Mapping[str, Reader] | None = None,
+    readers: Mapping[str, Reader] | None = None, decoder: str | Path | None = None,
 ) -> dict:
     """Evaluate a checkpoint on a split folder; writes out/metrics.json and out/report.html.
 
     train_shards: the split the attribute probes learn from; None means the `train` folder next
-    to `shards`. readers: attribute readers (default `READERS`).
+    to `shards`. readers: attribute readers (default `READERS`). decoder: a face decoder
+    checkpoint, for the readers that look at decoded faces.
     """
     from s2f.report import render_report
 
@@ -504,13 +555,13 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     device = device or default_device()
     split = embed_split(load_model(ckpt, device), shards, durations, batch_size, device)
-    evaluation = Evaluation(split, shards, train)
+    evaluation = Evaluation(split, shards, train, Path(decoder) if decoder is not None else None)
     result, gallery = compute_metrics(
         split, out, gallery_size, seed, n_tuples, evaluation, READERS if readers is None else readers)
     result["config"] = {
         "checkpoint": str(ckpt), "shards": str(shards), "train_shards": str(train), "seed": seed,
         "gallery_size": gallery_size, "durations": [duration_label(s) for s in durations],
-        "ks": list(m.DEFAULT_KS), "n_tuples": n_tuples,
+        "ks": list(m.DEFAULT_KS), "n_tuples": n_tuples, "decoder": None if decoder is None else str(decoder),
     }
     (out / METRICS_FILE).write_text(json.dumps(result, sort_keys=True, indent=2) + "\n")
     longest = duration_label(max(durations))
@@ -541,6 +592,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--tuples", type=int, default=m.DEFAULT_N_TUPLES, help="1:2 matching trials")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--decoder", help="face decoder checkpoint: adds the age/gender reader on decoded faces")
     return p
 
 
@@ -550,6 +602,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out) if args.out else ckpt.parent / f"eval-{ckpt.stem}"
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     evaluate(ckpt, args.shards, out, args.gallery_size, args.durations, args.seed,
-             args.train_shards, args.batch_size, args.device, args.tuples)
+             args.train_shards, args.batch_size, args.device, args.tuples, decoder=args.decoder)
     print(f"wrote {out / METRICS_FILE} and {out / REPORT_FILE}")
     return 0

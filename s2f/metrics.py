@@ -564,12 +564,25 @@ def attribute_agreement(
     ground truth also "truth_vs_prediction" and "truth_vs_reference" (the upper bound).
     """
     v_s, v_f = _paired(v_s, v_f)
-    reference, predicted = probe.predict(v_f), probe.predict(v_s)
-    classes = list(probe.classes)
+    return label_agreement(probe.predict(v_f), probe.predict(v_s), list(probe.classes), true_labels)
+
+
+def label_agreement(
+    reference: Array, predicted: Array, classes: Sequence, true_labels: Array | None = None
+) -> dict[str, Any]:
+    """Agreement of any attribute reader's labels on the prediction with those on the reference.
+
+    The same layout as `attribute_agreement`: "classes" (the given classes, then any other label
+    met), "reference_vs_prediction", and with ground truth "truth_vs_prediction" and
+    "truth_vs_reference".
+    """
+    reference = _labels("reference", reference)
+    predicted = _labels("predicted", predicted, len(reference))
+    truth = None if true_labels is None else _labels("true_labels", true_labels, len(reference))
+    met = set(reference.tolist()) | set(predicted.tolist()) | set([] if truth is None else truth.tolist())
+    classes = list(classes) + sorted(met - set(classes), key=str)
     out: dict[str, Any] = {}
-    if true_labels is not None:
-        truth = _labels("true_labels", true_labels, len(v_s))
-        classes += sorted(set(truth.tolist()) - set(classes), key=str)  # never seen by the probe
+    if truth is not None:
         out["truth_vs_prediction"] = _agreement(truth, predicted, classes)
         out["truth_vs_reference"] = _agreement(truth, reference, classes)
     out["reference_vs_prediction"] = _agreement(reference, predicted, classes)

@@ -48,6 +48,8 @@ AGREEMENTS = {  # attribute_agreement key -> what it compares
 READER_NOTES = {  # what each attribute reader of s2f.evaluate.READERS is
     "linear_probe": "A linear classifier per attribute, fitted on the teacher features of training faces "
                     "and applied to the true face's feature (reference) and to v_s (prediction).",
+    "agegender_net": "face-api's AgeGenderNet (s2f.agegender) on face images: the clip's own face "
+                     "(reference) and the canonical face decoded from v_s (prediction).",
 }
 TSNE_SEED = 0  # t-SNE random_state: the same features give the same picture
 TSNE_PERPLEXITY = 30.0

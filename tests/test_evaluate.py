@@ -26,6 +26,7 @@ from s2f.module import Speech2Face
 from s2f.report import SECTIONS, render_report
 from s2f.teacher import TeacherHead
 from shards import schema
+from tests.test_agegender import faceapi_cache  # noqa: F401 - the fixture, fetched when missing
 
 DIM, CLASSES, BINS = 16, 8, 16  # tiny model: 16-D features, 16 frequency bins
 CLIPS = 4  # clips per speaker
@@ -332,3 +333,37 @@ def test_callback_gathers_uneven_ranks(world, features, tmp_path):
     expected = m.retrieval_recall(features.v_s["6s"], features.v_f, ks=(1, 5))  # order-free
     assert metrics["val_retrieval/gallery"] == len(features.keys)
     assert metrics["val_retrieval/recall@5"] == pytest.approx(expected["recall@5"])
+
+
+# ----------------------------------------------------------------------------- reader (b)
+
+
+def test_agegender_reader_needs_a_decoder(features, world):
+    result = ev.agegender_reader(ev.Evaluation(features, world["test"], None))
+    assert "--decoder" in result["skipped"]
+
+
+@pytest.mark.slow
+def test_agegender_reader_on_decoded_faces(features, world, faceapi_cache, tmp_path):
+    from s2f.agegender import AgeGenderNet
+    from s2f.decoder_training import FaceDecoderModule, load_decoder
+
+    decoder_module = FaceDecoderModule(preset="tiny", in_dim=DIM)
+    path = tmp_path / "decoder.ckpt"
+    torch.save({"hyper_parameters": dict(decoder_module.hparams), "state_dict": decoder_module.state_dict()}, path)
+    result = ev.agegender_reader(ev.Evaluation(features, world["test"], None, decoder=path))
+    net, decoder = AgeGenderNet.load(), load_decoder(path)
+    jpegs = ev.read_faces(world["test"], features.keys)
+    originals = net.predict([np.asarray(Image.open(io.BytesIO(jpegs[k])).convert("RGB")) for k in features.keys])
+    for label, v_s in features.v_s.items():
+        with torch.no_grad():
+            images = decoder(v_s.float())["image"].clamp(0, 1)
+        decoded = net.predict(list((images * 255).round().byte().permute(0, 2, 3, 1).numpy()))
+        gender = result["gender"]["durations"][label]
+        classes = gender["classes"]
+        expected = np.zeros((len(classes), len(classes)), int)
+        for ref, pred in zip(originals.gender, decoded.gender):
+            expected[classes.index(ref), classes.index(pred)] += 1
+        assert gender["reference_vs_prediction"]["confusion"] == expected.tolist()
+        assert gender["reference_vs_prediction"]["n"] == len(features.keys)
+        assert "truth_vs_reference" in gender  # the fixture's faces carry a true gender
