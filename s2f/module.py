@@ -86,6 +86,7 @@ class Speech2Face(pl.LightningModule):
             None: the whole input. Validation always sees the whole input.
         channels_last: NHWC memory format for the encoder and its input (faster convolutions
             on GPUs with tensor cores and with oneDNN on CPUs).
+        compile: compile the encoder with torch.compile (in place: checkpoints keep their keys).
     """
 
     def __init__(
@@ -109,6 +110,7 @@ class Speech2Face(pl.LightningModule):
         schedule: str = "step",
         train_seconds: float | None = None,
         channels_last: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         if schedule not in SCHEDULES:
@@ -125,6 +127,8 @@ class Speech2Face(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if self.hparams.channels_last:
             self.encoder.to(memory_format=torch.channels_last)
+        if self.hparams.compile:
+            self.encoder.compile()
         if stage == "fit":
             self._load_teacher()
             if self.hparams.decoder_ckpt:

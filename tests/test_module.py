@@ -183,3 +183,11 @@ def test_linear_schedule_reaches_zero_at_the_last_step(tmp_path):
     trainer.fit(module, DataLoader(pairs, batch_size=8))
     assert trainer.optimizers[0].param_groups[0]["lr"] == 0.0
     assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0] == 0.0
+
+
+def test_compile_option_compiles_the_encoder_in_place():
+    module = Speech2Face(encoder="tiny", feature_dim=DIM, num_classes=CLASSES, compile=True)
+    keys = set(module.state_dict())
+    module.setup("validate")
+    assert module.encoder._compiled_call_impl is not None  # compiled on its first call
+    assert set(module.state_dict()) == keys  # checkpoints keep their keys
