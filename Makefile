@@ -26,7 +26,7 @@ demo: install
 	WANDB_MODE=offline $(PY) -m s2f demo
 
 test: install
-	WANDB_MODE=offline $(PY) -m pytest
+	WANDB_MODE=offline $(PY) -m pytest --durations=15
 
 test-fast: install
 	WANDB_MODE=offline $(PY) -m pytest -m "not slow and not slurm"

@@ -41,7 +41,20 @@ if [[ $with_node == 1 ]]; then
   # The runner's package.json pins exact versions; install them next to a copy of it.
   mkdir -p "$CACHE/node"
   cp "$ROOT/s2f/faceapi/package.json" "$CACHE/node/package.json"
-  (cd "$CACHE/node" && npm install --silent --no-audit --no-fund --ignore-scripts >/dev/null)
+  # npm has been seen to leave a package half-unpacked on a first install: check the files the
+  # runner loads and install again until they are there.
+  needed=(node_modules/@tensorflow/tfjs/dist/tf.node.js
+          node_modules/@tensorflow/tfjs-backend-wasm/dist/tfjs-backend-wasm.wasm
+          node_modules/@vladmandic/face-api/dist/face-api.node-wasm.js
+          node_modules/jpeg-js/index.js)
+  complete() { local f; for f in "${needed[@]}"; do [[ -f "$CACHE/node/$f" ]] || return 1; done; }
+  for attempt in 1 2 3; do
+    (cd "$CACHE/node" && npm install --silent --no-audit --no-fund --ignore-scripts >/dev/null) || true
+    complete && break
+    echo "fetch-faceapi: npm install left files missing (attempt $attempt); reinstalling from scratch" >&2
+    rm -rf "$CACHE/node/node_modules" "$CACHE/node/package-lock.json"
+  done
+  complete || { echo "fetch-faceapi: npm install failed: missing ${needed[*]}" >&2; exit 1; }
 fi
 
 echo "fetch-faceapi: face-api $FACEAPI_VERSION ready in $CACHE"
