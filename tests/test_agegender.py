@@ -22,6 +22,12 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "faceapi"
 FETCH = ROOT / "scripts" / "fetch-faceapi.sh"
 RUNNER = ROOT / "s2f" / "faceapi" / "run_agegender.mjs"
+RUNNER_FILES = (  # what run_agegender.mjs loads from the node folder
+    "node_modules/@tensorflow/tfjs/dist/tf.node.js",
+    "node_modules/@tensorflow/tfjs-backend-wasm/dist/tfjs-backend-wasm.wasm",
+    "node_modules/@vladmandic/face-api/dist/face-api.node-wasm.js",
+    "node_modules/jpeg-js/index.js",
+)
 GENDER_TOL = 0.01  # probability
 AGE_TOL = 0.5  # years
 FACES_PER_PHOTO = 3  # largest HOG detections kept per sample photo
@@ -182,11 +188,11 @@ def faceapi_cache() -> Path:
     """.cache/faceapi with weights, sample photos and node_modules; fetched when missing."""
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.skip("node/npm not installed: face-api's JavaScript reference cannot run")
-    ready = (CACHE / "model" / agegender.MANIFEST_NAME).is_file() and (
-        CACHE / "node" / "node_modules" / "@vladmandic" / "face-api"
-    ).is_dir()
-    if not ready:
+    needed = [CACHE / "model" / agegender.MANIFEST_NAME, *(CACHE / "node" / f for f in RUNNER_FILES)]
+    if not all(path.is_file() for path in needed):
         subprocess.run(["bash", str(FETCH)], check=True, cwd=ROOT)
+    missing = [str(path) for path in needed if not path.is_file()]
+    assert not missing, f"scripts/fetch-faceapi.sh left files missing: {missing}"
     return CACHE
 
 
