@@ -629,16 +629,18 @@ def run_scaling(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`s2f bench train|scaling|data ARGS`."""
+    """`s2f bench train|scaling|data|shards ARGS`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["data"]:
-        from datamodules.bench import main as bench_data
+    delegated = {"data": "datamodules.bench", "shards": "shards.bench"}  # benchmarks of other stages
+    if argv[:1] and argv[0] in delegated:
+        import importlib
 
-        return bench_data(argv[1:]) or 0
+        return importlib.import_module(delegated[argv[0]]).main(argv[1:]) or 0
     parser = argparse.ArgumentParser(prog="s2f bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train_parser(sub)
     scaling_parser(sub)
     sub.add_parser("data", help="data loading benchmark (s2f bench data --help)")
+    sub.add_parser("shards", help="shard building benchmark (s2f bench shards --help)")
     args = parser.parse_args(argv)
     return run_train(args) if args.command == "train" else run_scaling(args)
