@@ -196,7 +196,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        # Not named after the checkpoint: Lightning numbers hpc checkpoints from the digits of
+        # every file whose name holds "hpc_ckpt_", a temporary one included.
+        tmp = path.with_name(f".checkpoint-{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as file:
                 torch.save(checkpoint, file)

@@ -193,17 +193,16 @@ def test_preempted_job_requeues_and_resumes(
     assert START_RE.findall(text) == ["1", "2"], text
 
     # SIGUSR1 may reach a task twice (the step's signal and the batch shell's `exec srun`
-    # forwarding it); each delivery saves one more hpc checkpoint: the newest is the one to resume.
-    saved = sorted(run_dir.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    # forwarding it); each delivery saves one more hpc checkpoint, all at the preempted step.
+    saved = {p: torch.load(p, map_location="cpu", weights_only=True)["global_step"]
+             for p in run_dir.glob("hpc_ckpt_*.ckpt")}
     assert saved, f"no hpc checkpoint in {run_dir}: {sorted(run_dir.rglob('*'))}"
-    hpc = saved[-1]
     resumes = RESUME_RE.findall(text)
     assert len(resumes) == 1, text
     resumed_path, resumed_step = Path(resumes[0][0]), int(resumes[0][1])
-    hpc_step = torch.load(hpc, map_location="cpu", weights_only=True)["global_step"]
-    # The newest checkpoint is the hpc one, past the periodic `last.ckpt` at step 10.
-    assert resumed_path == hpc, text
-    assert resumed_step == hpc_step >= SIGNAL_AT_STEP, text
+    # Resumed from the preemption's checkpoint, past the periodic `last.ckpt` at step 10.
+    assert resumed_path in saved, text
+    assert resumed_step == saved[resumed_path] == max(saved.values()) >= SIGNAL_AT_STEP, text
     assert last_step(log) == MAX_STEPS, text
     if training is REAL:  # one W&B run across the requeue: the id is kept in the run directory
         run_id = (run_dir / "wandb_id").read_text().strip()
