@@ -33,7 +33,7 @@
 #
 # Environment (all optional):
 #   S2F_CMD       command replacing `s2f fit` (word-split), e.g.
-#                 S2F_CMD="python tests/slurm_fake_train.py"                     [s2f fit]
+#                 S2F_CMD="python -m s2f fit"                                   [s2f fit]
 #   S2F_RUN_DIR   run directory instead of runs/<config stem>-<job id>
 #   MASTER_PORT   rendezvous port                           [15000 + last 4 digits of job id]
 #   WANDB_MODE    set to `offline` here when WANDB_API_KEY is unset, so init never blocks

@@ -1,10 +1,8 @@
 """slurm/train.sh on a real one-node Slurm cluster: DDP on CPU, SIGUSR1 preemption, requeue, resume.
 
 The cluster comes from slurm/local-cluster.sh (installs Slurm with apt-get when missing, needs
-root). The training command is parametrised: today a tiny Lightning stand-in
-(tests/slurm_fake_train.py); switching to the real CLI is the one `TRAININGS` line below. Either
-command must print, on rank 0, lines matching STEP_RE after each step and RESUME_RE on a resumed
-start.
+root). The job runs the real `s2f fit --config configs/demo.yaml` on shards the test builds; on
+rank 0 it prints lines matching STEP_RE after each step and RESUME_RE on a resumed start.
 """
 
 from __future__ import annotations
@@ -33,24 +31,6 @@ START_RE = re.compile(r"^train\.sh: job \d+ start (\d+)", re.MULTILINE)
 SIGNAL_AT_STEP = 12  # after the periodic checkpoint at step 10, well before the one at 20
 MAX_STEPS = 30
 TIMEOUT_S = 420  # the whole submit-preempt-requeue-finish cycle; ~1.5 min idle, ~3 min loaded
-
-
-def tiny_config(folder: Path) -> Path:
-    """Config for the stand-in: 0.5 s steps, a periodic (not newest) checkpoint every 10 steps."""
-    path = folder / "tiny.yaml"
-    path.write_text(
-        "seed_everything: 0\n"
-        "model:\n"
-        "  step_sleep_s: 0.5\n"
-        "trainer:\n"
-        f"  max_steps: {MAX_STEPS}\n"
-        "  callbacks:\n"
-        "    - class_path: pytorch_lightning.callbacks.ModelCheckpoint\n"
-        "      init_args:\n"
-        "        every_n_train_steps: 10\n"
-        "        save_last: true\n"
-    )
-    return path
 
 
 @dataclass(frozen=True)
@@ -82,9 +62,8 @@ def demo_config(folder: Path) -> Path:
     return REPO / "configs" / "demo.yaml"
 
 
-FAKE = Training([sys.executable, str(REPO / "tests" / "slurm_fake_train.py")], tiny_config)
 REAL = Training([sys.executable, "-m", "s2f", "fit"], demo_config)
-TRAININGS = [pytest.param(FAKE, id="fake-lightning"), pytest.param(REAL, id="s2f-fit-demo")]
+TRAININGS = [pytest.param(REAL, id="s2f-fit-demo")]
 
 
 def slurm_env(conf: Path) -> dict[str, str]:
