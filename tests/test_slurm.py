@@ -172,16 +172,18 @@ def test_preempted_job_requeues_and_resumes(
     assert START_RE.findall(text) == ["1", "2"], text
 
     # SIGUSR1 may reach a task twice (the step's signal and the batch shell's `exec srun`
-    # forwarding it); each delivery saves one more hpc checkpoint, all at the preempted step.
-    saved = {p: torch.load(p, map_location="cpu", weights_only=True)["global_step"]
-             for p in run_dir.glob("hpc_ckpt_*.ckpt")}
-    assert saved, f"no hpc checkpoint in {run_dir}: {sorted(run_dir.rglob('*'))}"
+    # forwarding it): each delivery saves one more hpc checkpoint.
+    hpc = list(run_dir.glob("hpc_ckpt_*.ckpt"))
+    assert hpc, f"no hpc checkpoint in {run_dir}: {sorted(run_dir.rglob('*'))}"
+    steps = {p: torch.load(p, map_location="cpu", weights_only=True)["global_step"]
+             for p in [*hpc, *run_dir.glob("checkpoints/*.ckpt")]}
     resumes = RESUME_RE.findall(text)
     assert len(resumes) == 1, text
     resumed_path, resumed_step = Path(resumes[0][0]), int(resumes[0][1])
-    # Resumed from the preemption's checkpoint, past the periodic `last.ckpt` at step 10.
-    assert resumed_path in saved, text
-    assert resumed_step == saved[resumed_path] == max(saved.values()) >= SIGNAL_AT_STEP, text
+    # The restart takes the newest checkpoint of the run (by global step; the preemption's hpc
+    # one unless an epoch-end checkpoint came later), never an older one such as step 10's.
+    assert resumed_path in steps and resumed_step == steps[resumed_path], text
+    assert resumed_step == max(steps[p] for p in steps if p.name != "last.ckpt") >= SIGNAL_AT_STEP, text
     assert last_step(log) == MAX_STEPS, text
     if training is REAL:  # one W&B run across the requeue: the id is kept in the run directory
         run_id = (run_dir / "wandb_id").read_text().strip()
