@@ -139,7 +139,7 @@ def test_training_lowers_the_loss_and_round_trips(shards, tmp_path, caplog):
     module = FaceDecoderModule(preset="tiny", in_dim=128, identity_teacher="dlib", lr=1e-2)
     trace = LossTrace()
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=40, max_epochs=-1, val_check_interval=20,
+        accelerator="cpu", max_steps=80, max_epochs=-1, val_check_interval=40,
         check_val_every_n_epoch=None, default_root_dir=tmp_path, logger=CSVLogger(tmp_path),
         callbacks=[trace], enable_checkpointing=False, enable_progress_bar=False,
         log_every_n_steps=5,
