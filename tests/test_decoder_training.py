@@ -147,7 +147,7 @@ def test_training_lowers_the_loss_and_round_trips(shards, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="s2f.decoder_training"):
         trainer.fit(module, datamodule=data)
     assert sum("identity loss off" in r.message for r in caplog.records) == 1
-    assert len(trace.texture) == 40
+    assert len(trace.texture) == 80
     assert np.mean(trace.texture[-10:]) < 0.85 * np.mean(trace.texture[:5])
     assert "train/identity" not in trainer.callback_metrics
     assert {"val/texture_l1", "val/landmark_mse"} <= set(trainer.callback_metrics)
