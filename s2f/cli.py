@@ -32,8 +32,10 @@ from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.plugins import CheckpointIO
+from pytorch_lightning.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from callbacks.requeue import SlurmRequeue
 from callbacks.throughput import KeyLog, Throughput
 from datamodules.shards import SPLIT_PLACEHOLDER
 from s2f import run
@@ -206,11 +208,19 @@ class S2FCLI(LightningCLI):
             extra = [Throughput(), *filter(None, [KeyLog.from_env()])]
             if trainer.get("enable_checkpointing", True) is not False:
                 extra += self._get(self.config_init, "checkpoint").callbacks(self.run_dir)
-            trainer["callbacks"] = [*as_list(trainer.get("callbacks")), *extra]
+            trainer["callbacks"] = [*as_list(trainer.get("callbacks")), *extra, *self._slurm_requeue()]
         plugins = as_list(trainer.get("plugins"))
         if not any(isinstance(p, CheckpointIO) for p in plugins):
-            trainer["plugins"] = [*plugins, run.AtomicCheckpointIO()]
+            plugins.append(run.AtomicCheckpointIO())
+        if self.subcommand == "fit" and SLURMEnvironment.detect():
+            if not any(isinstance(p, ClusterEnvironment) for p in plugins):
+                # SlurmRequeue replaces Lightning's requeue, which can deadlock DDP ranks.
+                plugins.append(SLURMEnvironment(auto_requeue=False))
+        trainer["plugins"] = plugins
         return super().instantiate_trainer(**kwargs)
+
+    def _slurm_requeue(self) -> list[SlurmRequeue]:
+        return [SlurmRequeue(self.run_dir / run.CHECKPOINTS)] if SLURMEnvironment.detect() else []
 
 
 def as_list(value: Any) -> list:

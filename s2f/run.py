@@ -5,15 +5,16 @@
   config_fingerprint.json       the resolved model + data config the run was started with
   wandb_id                      the W&B run id, so a requeued job continues the same W&B run
   config.yaml                   the full resolved config of the latest start (LightningCLI)
-  hpc_ckpt_<n>.ckpt             written by Lightning on SIGUSR1 before a Slurm requeue
   checkpoints/                  step<N>.ckpt (every N steps), epoch<E>-step<N>.ckpt (epoch ends),
-                                best-step<N>.ckpt (min val/angle), last.ckpt
+                                best-step<N>.ckpt (min val/angle), last.ckpt,
+                                requeue-step<N>.ckpt (on Slurm's SIGUSR1: callbacks.requeue)
+  hpc_ckpt_<n>.ckpt             Lightning's own requeue checkpoint, when its handler is in use
   wandb/                        W&B's local files (offline runs are synced from here)
 ```
 
 A restart resumes from the checkpoint with the highest global step (the newest file on a tie),
-whatever its name: after a requeue Lightning's hpc checkpoint is usually newer than `last.ckpt`,
-and after a node failure a periodic checkpoint may be newer than an old hpc one.
+whatever its name: after a requeue the requeue checkpoint is usually newer than `last.ckpt`,
+and after a node failure a periodic checkpoint may be newer than an old requeue one.
 """
 
 from __future__ import annotations

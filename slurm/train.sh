@@ -27,7 +27,8 @@
 # job id, so it lands in the same folder and `s2f fit` resumes from the newest checkpoint there.
 #
 # Preemption: --signal=USR1@120 sends SIGUSR1 to the training processes 120 s before the time
-# limit; Lightning saves hpc_ckpt_<n>.ckpt into RUN_DIR and runs `scontrol requeue`. To try the
+# limit; every rank saves RUN_DIR/checkpoints/requeue-step<N>.ckpt together at the next step
+# boundary and rank 0 runs `scontrol requeue` (callbacks/requeue.py). To try the
 # same path on a running job: `scancel --signal=USR1 JOBID` (signals the tasks, not this shell;
 # --batch works too: this shell is `exec srun`, which forwards signals to its tasks).
 #
