@@ -25,8 +25,9 @@ install: $(VENV)/.installed-$(EXTRAS)
 demo: install
 	WANDB_MODE=offline $(PY) -m s2f demo
 
+# Two workers: the Slurm and subprocess tests spend most of their time waiting.
 test: install
-	WANDB_MODE=offline $(PY) -m pytest --durations=15
+	WANDB_MODE=offline $(PY) -m pytest -n 2 --dist loadfile --durations=15
 
 test-fast: install
 	WANDB_MODE=offline $(PY) -m pytest -m "not slow and not slurm"
