@@ -94,6 +94,15 @@ class LossTrace(Callback):
         self.texture.append(float(trainer.callback_metrics["train/texture_l1"]))
 
 
+@torch.no_grad()
+def _val_texture(module: FaceDecoderModule, data: FaceShardDataModule) -> float:
+    """Mean texture L1 of the module over the validation split."""
+    module.eval()
+    losses = [module.terms(batch, module(batch["fc7"]))["texture_l1"] for batch in data.val_dataloader()]
+    module.train()
+    return float(torch.stack(losses).mean())
+
+
 def test_landmark_pass_writes_normalised_landmarks_and_mean(shards):
     paths = landmark_pass(shards)
     with np.load(paths["train"]) as table:
@@ -137,6 +146,10 @@ def test_training_lowers_the_loss_and_round_trips(shards, tmp_path, caplog):
     pl.seed_everything(0)
     data = _datamodule(shards)
     module = FaceDecoderModule(preset="tiny", in_dim=128, identity_teacher="dlib", lr=1e-2)
+    data.prepare_data()
+    data.setup("fit")
+    module._take_geometry(data)
+    before = _val_texture(module, data)
     trace = LossTrace()
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=80, max_epochs=-1, val_check_interval=40,
@@ -148,7 +161,8 @@ def test_training_lowers_the_loss_and_round_trips(shards, tmp_path, caplog):
         trainer.fit(module, datamodule=data)
     assert sum("identity loss off" in r.message for r in caplog.records) == 1
     assert len(trace.texture) == 80
-    assert np.mean(trace.texture[-10:]) < 0.85 * np.mean(trace.texture[:5])
+    # Judged on the whole validation split, whose loss does not depend on batch order.
+    assert _val_texture(module, data) < 0.85 * before
     assert "train/identity" not in trainer.callback_metrics
     assert {"val/texture_l1", "val/landmark_mse"} <= set(trainer.callback_metrics)
     assert sorted((tmp_path / PREVIEW_DIR).glob("step*.png"))

@@ -111,12 +111,20 @@ def test_voice_links_hold_in_the_population(population: list[Identity]):
     assert skin["east_african"] > skin["south_asian"] > skin["north_european"]
     assert any(i.appearance["beard"] > 0 for i in males)
     assert any(i.appearance["beard"] == 0 for i in males)
+    # Looks that read as gender: long hair, makeup, thinner brows for women.
+    long_hair = {g: np.mean([i.appearance["hair_style"] == 3 for i in group])
+                 for g, group in (("female", females), ("male", males))}
+    assert long_hair["female"] > 0.35 and long_hair["male"] == 0
+    assert all(i.appearance["makeup"] == 0 for i in males) and any(i.appearance["makeup"] > 0 for i in females)
+    brows = {g: _column(group, lambda i: i.appearance["brow_thickness"]).mean()
+             for g, group in (("female", females), ("male", males))}
+    assert brows["male"] - brows["female"] > 0.2
 
 
 def test_idiosyncratic_traits_carry_no_voice_information(population: list[Identity]):
     f0 = _column(population, lambda i: i.f0_hz)
     vtl = _column(population, lambda i: i.vocal_tract_length)
-    for name in ("eye_spacing", "lip_thickness", "hair_style"):
+    for name in ("eye_spacing", "lip_thickness"):
         trait = _column(population, lambda i: i.appearance[name])
         assert abs(np.corrcoef(trait, f0)[0, 1]) < 0.12, name
         assert abs(np.corrcoef(trait, vtl)[0, 1]) < 0.12, name

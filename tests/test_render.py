@@ -74,3 +74,29 @@ def test_render_speed():
         render_face(appearance, variation)
     per_frame = (time.process_time() - start) / 10
     assert per_frame < 0.1  # seconds of CPU; ~0.02 on one idle core
+
+
+def _changed(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """(H, W) pixels that differ by more than camera grain."""
+    return np.abs(first.astype(int) - second.astype(int)).max(2) > GREY_ROW_TOLERANCE
+
+
+def test_makeup_reddens_the_lips_and_darkens_the_lash_line():
+    bare, made_up = (render_canonical(FaceAppearance(makeup=m), (320, 320)) for m in (0.0, 1.0))
+    changed = _changed(bare, made_up)
+    rows = np.nonzero(changed.any(1))[0]
+    assert 0 < changed.sum() < 0.05 * changed.size  # lips and lash lines, nothing else
+    assert rows.min() < 0.45 * 320 < rows.max()  # both the eyes and the mouth
+    mouth = changed.copy()
+    mouth[: int(0.6 * 320)] = False
+    redness = lambda image: (image[..., 0].astype(int) - image[..., 1])[mouth].mean()  # noqa: E731
+    assert redness(made_up) > redness(bare) + 25  # 8-bit levels of red over green
+    assert made_up[changed & ~mouth].mean() < bare[changed & ~mouth].mean() - 20  # eyeliner is dark
+
+
+def test_thicker_brows_cover_more_of_the_brow_region():
+    thin, thick = (render_canonical(FaceAppearance(brow_thickness=t, hair_color=(0.1, 0.08, 0.07)), (320, 320))
+                   for t in (0.0, 1.0))
+    dark = lambda image: (image.astype(int).sum(2) < 200).sum()  # noqa: E731
+    assert dark(thick) > dark(thin) + 100
+    assert _changed(thin, thick)[int(0.6 * 320):].sum() == 0  # brows only: nothing below the eyes

@@ -23,9 +23,12 @@ sex = +1 for males, -1 for females; N(m, s) normal; U(a, b) uniform; clip to the
 | skin_tone           | N(origin mean, 0.07)                                 | origin             |
 | hair_color (RGB)    | origin palette, jitter 0.03, greys with age          | origin, age        |
 | beard               | males: U(0.3, 1) with P_BEARD, else 0; females 0     | gender             |
+| hair_style          | HAIR_STYLES[gender]: females mostly long or medium,  | gender             |
+|                     | males mostly shaved or short                         |                    |
+| makeup              | females: U(0.4, 1) with P_MAKEUP, else 0; males 0    | gender             |
+| brow_thickness      | N(0.5 + 0.15 sex, 0.10)                              | gender             |
 | lip_thickness       | N(0.5, 0.15)                                         | idiosyncratic      |
 | eye_spacing         | N(0.5, 0.15)                                         | idiosyncratic      |
-| hair_style          | U{0..4}                                              | idiosyncratic      |
 | eye_color (RGB)     | EYE_COLORS uniform, jitter 0.03                      | idiosyncratic      |
 | vocal_tract_length  | VTL_CM[gender] + 1.8 cm (face_width + jaw_width - 1) | gender, face, age  |
 | (cm)                | + 0.008 cm/yr (age - 18) + N(0, 0.35)                |                    |
@@ -92,8 +95,13 @@ EYE_COLORS = (
 )
 COLOR_JITTER = 0.03  # std of per-channel colour noise
 N_HAIR_STYLES = 5  # render.FaceAppearance.hair_style 0..4
+HAIR_STYLES = {  # per gender: probabilities of styles 0 shaved, 1 short, 2 medium, 3 long, 4 curly
+    "female": (0.0, 0.10, 0.25, 0.50, 0.15),
+    "male": (0.25, 0.55, 0.10, 0.0, 0.10),
+}
 P_OTHER_LANGUAGE = 0.25  # speakers of another origin's language: origin != language ID
 P_BEARD = 0.45  # fraction of males with a beard
+P_MAKEUP = 0.7  # fraction of females wearing lipstick and eyeliner
 
 AGE_RANGE = (18, 80)  # years, inclusive
 VTL_CM = {"female": 14.6, "male": 17.0}  # mean vocal-tract length at age 18, average face
@@ -164,6 +172,7 @@ def sample_appearance(
     sex = 1.0 if gender == "male" else -1.0
     face_width = _unit(rng.normal(0.5 + 0.10 * sex, 0.12))
     has_beard = gender == "male" and rng.random() < P_BEARD
+    wears_makeup = gender == "female" and rng.random() < P_MAKEUP
     return {
         "face_width": face_width,
         "jaw_width": _unit(rng.normal(0.5 + 0.6 * (face_width - 0.5) + 0.06 * sex, 0.08)),
@@ -175,9 +184,11 @@ def sample_appearance(
         "beard": _unit(rng.uniform(0.3, 1.0)) if has_beard else 0.0,
         "lip_thickness": _unit(rng.normal(0.5, 0.15)),
         "eye_spacing": _unit(rng.normal(0.5, 0.15)),
-        "hair_style": int(rng.integers(N_HAIR_STYLES)),
+        "hair_style": int(rng.choice(N_HAIR_STYLES, p=HAIR_STYLES[gender])),
         "eye_color": _color(np.array(EYE_COLORS[rng.integers(len(EYE_COLORS))])
                             + rng.normal(0.0, COLOR_JITTER, 3)),
+        "makeup": _unit(rng.uniform(0.4, 1.0)) if wears_makeup else 0.0,
+        "brow_thickness": _unit(rng.normal(0.5 + 0.15 * sex, 0.10)),
     }
 
 

@@ -55,6 +55,9 @@ TEETH = (0.93, 0.91, 0.85)
 LASH = (0.08, 0.05, 0.04)
 LIP_TINT = (0.85, 0.55, 0.55)  # lips: skin times this, plus LIP_RED
 LIP_RED = (0.08, 0.0, 0.0)
+LIPSTICK = (0.62, 0.07, 0.13)  # the lip colour at makeup = 1
+BROW_HALF_THICKNESS = (0.025, 0.075)
+LASH_HALF_THICKNESS = (0.018, 0.036)  # upper lash line, bare .. full eyeliner
 BLUSH = (0.06, -0.03, -0.03)  # added to the skin at the cheeks' centre
 CANONICAL_BACKGROUND = (0.82, 0.82, 0.82)
 
@@ -81,6 +84,8 @@ class FaceAppearance:
     hair_color: tuple[float, float, float] = (0.25, 0.16, 0.10)
     beard: float = 0.0  # density
     eye_color: tuple[float, float, float] = (0.35, 0.22, 0.12)
+    makeup: float = 0.0  # lipstick and eyeliner strength
+    brow_thickness: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -427,7 +432,7 @@ class _Face:
         _over(p.image, (0.02, 0.02, 0.02), _soft(pupil, px) * opening)
         glint = _ellipse_distance(fu, fv, cu + look + 0.03, EYE_V - 0.03, 0.016, 0.016)
         _over(p.image, (1.0, 1.0, 1.0), _soft(glint, px) * opening * 0.9)
-        lash = np.abs(fv - upper) - 0.018 * (1 - 0.5 * du**2)
+        lash = np.abs(fv - upper) - _span(LASH_HALF_THICKNESS, self.a.makeup) * (1 - 0.5 * du**2)
         _over(p.image, LASH, _soft(lash, px) * (np.abs(du) < 1.05) * 0.9)
         crease = np.abs(fv - (upper - 0.06 * (1 - du**2) - 0.01)) - 0.008
         _over(p.image, self.skin * 0.55, _soft(crease, px) * (np.abs(du) < 0.9) * 0.5)
@@ -441,7 +446,7 @@ class _Face:
             return
         du = side * (p.fu - cu) / 0.25  # -1 inner end .. +1 outer end
         centre = BROW_V - 0.06 * (1 - (du - 0.1) ** 2)
-        thick = 0.05 * (1 - 0.45 * np.clip(du, 0, 1))
+        thick = _span(BROW_HALF_THICKNESS, self.a.brow_thickness) * (1 - 0.45 * np.clip(du, 0, 1))
         ends = _soft(np.abs(du - 0.05) - 1.05, px * 4)
         _over(p.image, self.hair * 0.75, _soft(np.abs(p.fv - centre) - thick, px) * ends * 0.9)
 
@@ -475,7 +480,8 @@ class _Face:
         inside_x = _soft(np.abs(mu) - 1, px / hw)
         lips = _soft(np.maximum(top - fv, fv - bottom), px) * inside_x
         shade = np.where(fv < line, 0.78, 1.0)[..., None]  # the upper lip faces down
-        lip_colour = self.skin * np.float32(LIP_TINT) + np.float32(LIP_RED)
+        bare = self.skin * np.float32(LIP_TINT) + np.float32(LIP_RED)
+        lip_colour = bare + np.float32(self.a.makeup) * (np.float32(LIPSTICK) - bare)
         _over(p.image, lip_colour * shade, lips)
         opening = _soft(np.abs(fv - line) - gap / 2, px) * inside_x
         _over(p.image, MOUTH_INSIDE, opening)
