@@ -96,12 +96,12 @@ EYE_COLORS = (
 COLOR_JITTER = 0.03  # std of per-channel colour noise
 N_HAIR_STYLES = 5  # render.FaceAppearance.hair_style 0..4
 HAIR_STYLES = {  # per gender: probabilities of styles 0 shaved, 1 short, 2 medium, 3 long, 4 curly
-    "female": (0.0, 0.10, 0.25, 0.50, 0.15),
+    "female": (0.0, 0.05, 0.15, 0.70, 0.10),
     "male": (0.25, 0.55, 0.10, 0.0, 0.10),
 }
 P_OTHER_LANGUAGE = 0.25  # speakers of another origin's language: origin != language ID
-P_BEARD = 0.45  # fraction of males with a beard
-P_MAKEUP = 0.7  # fraction of females wearing lipstick and eyeliner
+P_BEARD = 0.6  # fraction of males with a beard
+P_MAKEUP = 0.9  # fraction of females wearing lipstick and eyeliner
 
 AGE_RANGE = (18, 80)  # years, inclusive
 VTL_CM = {"female": 14.6, "male": 17.0}  # mean vocal-tract length at age 18, average face
