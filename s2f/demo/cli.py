@@ -35,11 +35,18 @@ class StageTimer:
         return result
 
 
+DEMO_SAMPLES_PER_SHARD = 100  # ~9 train shards: each pass over them is freshly permuted
+
+
 def build_demo_shards(world: Path, out: Path, workers: int) -> Path:
     from shards.build import BuildConfig, build_shards
     from shards.sources import source_items
 
-    build_shards(source_items("demo", str(world)), BuildConfig(out=str(out), teacher="dlib", workers=workers))
+    # The builder writes clips in speaker order. The default 1000-sample shards would leave one
+    # train shard, whose stream the shuffle buffer only mixes locally: batches then sweep
+    # through the speakers in order, and training on them was measurably worse.
+    config = BuildConfig(out=str(out), teacher="dlib", workers=workers, samples_per_shard=DEMO_SAMPLES_PER_SHARD)
+    build_shards(source_items("demo", str(world)), config)
     return out
 
 
