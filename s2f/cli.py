@@ -204,23 +204,21 @@ class S2FCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         trainer = self._get(self.config_init, "trainer")
+        plugins = as_list(trainer.get("plugins"))
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(run.AtomicCheckpointIO())
         if self.subcommand == "fit":
             extra = [Throughput(), *filter(None, [KeyLog.from_env()])]
             if trainer.get("enable_checkpointing", True) is not False:
                 extra += self._get(self.config_init, "checkpoint").callbacks(self.run_dir)
-            trainer["callbacks"] = [*as_list(trainer.get("callbacks")), *extra, *self._slurm_requeue()]
-        plugins = as_list(trainer.get("plugins"))
-        if not any(isinstance(p, CheckpointIO) for p in plugins):
-            plugins.append(run.AtomicCheckpointIO())
-        if self.subcommand == "fit" and SLURMEnvironment.detect():
-            if not any(isinstance(p, ClusterEnvironment) for p in plugins):
+            if SLURMEnvironment.detect():
                 # SlurmRequeue replaces Lightning's requeue, which can deadlock DDP ranks.
-                plugins.append(SLURMEnvironment(auto_requeue=False))
+                extra.append(SlurmRequeue(self.run_dir / run.CHECKPOINTS))
+                if not any(isinstance(p, ClusterEnvironment) for p in plugins):
+                    plugins.append(SLURMEnvironment(auto_requeue=False))
+            trainer["callbacks"] = [*as_list(trainer.get("callbacks")), *extra]
         trainer["plugins"] = plugins
         return super().instantiate_trainer(**kwargs)
-
-    def _slurm_requeue(self) -> list[SlurmRequeue]:
-        return [SlurmRequeue(self.run_dir / run.CHECKPOINTS)] if SLURMEnvironment.detect() else []
 
 
 def as_list(value: Any) -> list:
