@@ -72,10 +72,12 @@ class SlurmRequeue(Callback):
         step = trainer.global_step
         path = self.checkpoint_dir / CHECKPOINT_NAME.format(step=step)
         trainer.save_checkpoint(path)  # every rank: sharded strategies save collectively
+        if trainer.is_global_zero:
+            # Printed before the requeue: Slurm cancels the running job as soon as it is requeued.
+            print(f"s2f fit: preempted at step {step}: saved {path}; requeueing", flush=True)
         requeued = trainer.strategy.broadcast(self._requeue() if trainer.is_global_zero else False, src=0)
         if trainer.is_global_zero:
-            print(f"s2f fit: preempted at step {step}: saved {path}; "
-                  + ("job requeued, stopping" if requeued else "requeue failed, training on"), flush=True)
+            print("s2f fit: " + ("job requeued, stopping" if requeued else "requeue failed, training on"), flush=True)
         trainer.should_stop = trainer.should_stop or requeued
 
     def _any_rank_requested(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:

@@ -79,7 +79,8 @@ def test_signal_saves_at_the_next_step_requeues_and_stops(tmp_path, scontrol, ca
     assert torch.load(saved[0], weights_only=True)["global_step"] == SIGNAL_AFTER_STEP
     assert scontrol.read_text().split() == ["requeue", "4242"]
     assert trainer.global_step == SIGNAL_AFTER_STEP  # stopped: the job is requeued
-    assert f"preempted at step {SIGNAL_AFTER_STEP}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"preempted at step {SIGNAL_AFTER_STEP}" in out and "job requeued, stopping" in out
     assert signal.getsignal(REQUEUE_SIGNAL) == before  # the handler is removed after fit
 
 
