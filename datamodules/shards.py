@@ -3,8 +3,8 @@
 Batches are dicts: `"wav"` (B, 96000) float32 for the audio payload or `"spec"` (B, 2, 598, 257)
 float32 for the spectrogram payload, plus `"fc7"` (B, D) float32, `"key"` list[str] and `"meta"`
 list[dict]. For the audio payload `on_after_batch_transfer` adds `"spec"`, computed on the
-device the batch was moved to; `"wav"` stays in the batch for callbacks that play audio, and
-models read only `"spec"`.
+device the batch was moved to (with `spectrogram_in_workers` the workers add it instead); `"wav"`
+stays in the batch for callbacks that play audio, and models read only `"spec"`.
 
 Training order. Each epoch the shard list is permuted with a generator seeded by (seed, epoch,
 cycle) and the permutations are concatenated into an endless sequence; reader slot
@@ -210,7 +210,7 @@ class ShardStream(IterableDataset):
         self, urls: list[str], payload: str, batch_size: int, *, train: bool,
         counts: dict[str, int] | None = None, feature_dim: int | None = None,
         shuffle_buffer: int = 1000, seed: int = 0, rank: int = 0, world_size: int = 1,
-        epoch_batches: int = 0,
+        epoch_batches: int = 0, spectrogram_in_workers: bool = False,
     ):
         if payload not in schema.PAYLOADS:
             raise ValueError(f"payload must be one of {sorted(schema.PAYLOADS)}, got {payload!r}")
@@ -218,6 +218,7 @@ class ShardStream(IterableDataset):
         self.counts, self.feature_dim = counts, feature_dim
         self.shuffle_buffer, self.seed = max(1, shuffle_buffer), seed
         self.rank, self.world_size, self.epoch_batches = rank, world_size, epoch_batches
+        self.spectrogram_in_workers = spectrogram_in_workers and payload == "audio"
         self.plan = Plan()
 
     def num_batches(self, workers: int) -> int:
@@ -266,6 +267,8 @@ class ShardStream(IterableDataset):
             if not chunk:
                 return
             batch = collate([sample for _, sample in chunk], self.payload)
+            if self.spectrogram_in_workers:
+                batch["spec"] = spectrogram(batch["wav"])  # (B, N) -> (B, 2, T, Q)
             batch[POSITION], batch[HEALTH] = chunk[-1][0], tally.take()
             yield batch
 
@@ -435,12 +438,16 @@ class ShardDataModule(pl.LightningDataModule):
             (required for URL patterns).
         payload: "audio" or "spectrogram"; default: the split index's payload ("audio" for URL
             patterns).
+        spectrogram_in_workers: for the audio payload, compute the spectrogram in the DataLoader
+            workers instead of on the device in `on_after_batch_transfer`. For CPU training, where
+            it spreads the STFT over the workers; on a GPU leave it off (the device is faster and
+            the batches it receives are 4.6x smaller).
     """
 
     def __init__(
         self, root: str, batch_size: int = 8, num_workers: int = 2, shuffle_buffer: int = 1000,
         seed: int = 0, max_bad_fraction: float = 0.01, epoch_samples: int | None = None,
-        payload: str | None = None,
+        payload: str | None = None, spectrogram_in_workers: bool = False,
     ):
         super().__init__()
         if batch_size < 1 or num_workers < 0 or not 0.0 <= max_bad_fraction <= 1.0:
@@ -452,6 +459,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.root, self.batch_size, self.num_workers = root, batch_size, num_workers
         self.shuffle_buffer, self.seed, self.max_bad_fraction = shuffle_buffer, seed, max_bad_fraction
         self.epoch_samples, self.payload = epoch_samples, payload
+        self.spectrogram_in_workers = spectrogram_in_workers
 
     def _stream(self, split: str, train: bool) -> ShardStream:
         urls, counts, index = split_sources(self.root, split)
@@ -474,7 +482,8 @@ class ShardDataModule(pl.LightningDataModule):
         return ShardStream(urls, payload, self.batch_size, train=train, counts=counts,
                            feature_dim=index.feature_dim if index is not None else None,
                            shuffle_buffer=self.shuffle_buffer, seed=self.seed, rank=rank,
-                           world_size=world, epoch_batches=batches)
+                           world_size=world, epoch_batches=batches,
+                           spectrogram_in_workers=self.spectrogram_in_workers)
 
     def _loader(self, split: str, train: bool) -> ShardLoader:
         return ShardLoader(self._stream(split, train), self.num_workers, self.max_bad_fraction)

