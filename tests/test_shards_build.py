@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from shards.build import BuildConfig, build_shards, complete_shards, shard_keys
+from shards.build import BuildConfig, BuildLocked, _part_lock, build_shards, complete_shards, shard_keys
 from shards.cli import main as shards_main
 from shards.schema import SPLITS, SplitIndex, decode_fc7, decode_meta, decode_wave, speaker_of
 from shards.sources import source_items
@@ -142,3 +142,17 @@ def test_parallel_workers_write_the_same_shards(built, videos, tmp_path):
     build_shards(source_items("videos", str(videos)),
                  BuildConfig(out=str(out), samples_per_shard=3, ratios=(0.6, 0.2, 0.2), workers=2))
     assert all_keys(out) == all_keys(built)  # item order is kept, so shard contents match
+
+
+def test_a_second_builder_of_the_same_part_is_refused(videos, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    config = BuildConfig(out=str(out), samples_per_shard=3)
+    with _part_lock(out, config):  # as a running builder holds it
+        with pytest.raises(BuildLocked, match="another `s2f shards build` is writing this part"):
+            build_shards(source_items("videos", str(videos)), config)
+    assert not list(out.rglob("*.tar*"))  # the refused builder touched no shard
+    # Parts of an array build lock separately: they run side by side.
+    parts = [BuildConfig(out=str(out), parts=2, part=k) for k in range(2)]
+    with _part_lock(out, parts[0]), _part_lock(out, parts[1]):
+        pass
