@@ -41,10 +41,11 @@ Approximations, and what could not be defined reliably:
   angles, lip protrusion): 68 frontal 2-D points carry none of them. Nasion and subnasale are
   dlib's 27 and 33, a little below and above the anthropometric points.
 
-`decode_and_measure` runs the decoder, finds landmarks on its images with dlib (HOG detector,
-68-point predictor, images upsampled to >= MIN_MEASURE_SIZE pixels first) and returns them in
-the decoder's normalised coordinates (s2f.decoder docstring), where a crop's pixel (x, y) is
-((2x + 1) / W - 1, (2y + 1) / H - 1).
+`decode_images` runs the decoder; `find_landmarks` finds dlib's landmarks (HOG detector,
+68-point predictor) on an image, upsampled first by `upsample_for_dlib` when it is a small
+decoded face, and returns them in the decoder's normalised coordinates (s2f.decoder
+docstring), where a crop's pixel (x, y) is ((2x + 1) / W - 1, (2y + 1) / H - 1).
+`s2f.decoded_faces` reads the faces decoded in `s2f evaluate --decoder` with these.
 """
 
 from __future__ import annotations
@@ -54,7 +55,6 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from s2f.metrics import pearson_with_p, random_pair_baseline
 
@@ -90,14 +90,25 @@ def pixels_to_normalised(points: np.ndarray, height: int, width: int) -> np.ndar
     return ((2 * np.asarray(points, np.float64) + 1) / size - 1).astype(np.float32)
 
 
-def find_landmarks(image: np.ndarray, upsample: int = DETECT_UPSAMPLE) -> np.ndarray | None:
-    """(68, 2) normalised landmarks of the best-scoring face in an RGB uint8 image, or None."""
-    from s2f.faces import detect_faces, landmarks68
+def best_face(image: np.ndarray, upsample: int = DETECT_UPSAMPLE):
+    """The best-scoring HOG face box (s2f.faces.Box) in an RGB uint8 image, or None."""
+    from s2f.faces import detect_faces
 
     boxes = detect_faces(image, "hog", upsample)
-    if not boxes:
-        return None
-    return pixels_to_normalised(landmarks68(image, boxes[0]), *image.shape[:2])
+    return boxes[0] if boxes else None
+
+
+def landmarks_in_box(image: np.ndarray, box) -> np.ndarray:
+    """(68, 2) normalised landmarks of the face in `box` (an s2f.faces.Box) of an RGB image."""
+    from s2f.faces import landmarks68
+
+    return pixels_to_normalised(landmarks68(image, box), *image.shape[:2])
+
+
+def find_landmarks(image: np.ndarray, upsample: int = DETECT_UPSAMPLE) -> np.ndarray | None:
+    """(68, 2) normalised landmarks of the best-scoring face in an RGB uint8 image, or None."""
+    box = best_face(image, upsample)
+    return None if box is None else landmarks_in_box(image, box)
 
 
 def upsample_for_dlib(image: np.ndarray, min_size: int = MIN_MEASURE_SIZE) -> np.ndarray:
@@ -118,25 +129,15 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def decode_and_measure(
+def decode_images(
     decoder: torch.nn.Module, features: torch.Tensor | np.ndarray, batch_size: int = DECODE_BATCH
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Decode features (N, D) and find 68 landmarks on each face.
-
-    Returns images (N, S, S, 3) uint8 as decoded, landmarks (N, 68, 2) normalised (NaN where
-    dlib found no face) and the detected mask (N,) bool.
-    """
+) -> np.ndarray:
+    """Canonical faces (N, S, S, 3) RGB uint8 decoded from features (N, D), in batches."""
     features = torch.as_tensor(np.asarray(features), dtype=torch.float32)
     device = next(decoder.parameters()).device
-    images = np.concatenate([
+    return np.concatenate([
         to_uint8(decoder(chunk.to(device))["image"]) for chunk in features.split(batch_size)
     ])  # (N, S, S, 3)
-    landmarks = np.full((len(images), NUM_LANDMARKS, 2), np.nan, dtype=np.float32)
-    for i, image in enumerate(tqdm(images, desc="landmarks on decoded faces", unit="face")):
-        found = find_landmarks(upsample_for_dlib(image))
-        if found is not None:
-            landmarks[i] = found
-    return images, landmarks, ~np.isnan(landmarks[:, 0, 0])
 
 
 # -- measurements -----------------------------------------------------------------------------

@@ -23,6 +23,8 @@ Durations are keyed "3s", "6s"; recalls are fractions; `{"value", "ci"}` holds a
   (truth_vs_prediction, truth_vs_reference, reference_vs_prediction), or skipped: reason.
 - groups[dur][attribute][recall@k | angle][group] -> [mean, n, [ci_low, ci_high]], over the
   gallery with cosine ranks.
+- faces (with --decoder): F2F = decoder(v_f) and S2F = decoder(v_s) read by dlib and the
+  teacher: detection, retrieval, craniofacial tables; layout in `s2f.decoded_faces`.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ ORACLE_CATEGORICAL = ("gender", "origin")
 ORACLE_NUMERIC = ("age", "face_width", "jaw_width")
 GRID_QUERIES = 8  # queries shown with their retrieved faces
 GRID_TOP = 5  # retrieved faces per query
-FACE_CHUNK = 64  # faces decoded or read by a face network at a time
+FACE_CHUNK = 64  # faces read by a face network at a time
 EMBEDDING_MAX = 1_000  # v_s points handed to the report's t-SNE (minutes on 2 CPU cores)
 METRICS_FILE, REPORT_FILE = "metrics.json", "report.html"
 TUPLE_FILES = {"random": "tuples.json", "same_gender": "tuples_same_gender.json"}
@@ -243,19 +245,30 @@ def recall_with_ci(ranks: torch.Tensor, ks: Sequence[int], seed: int) -> dict[st
     }
 
 
-def retrieval(split: SplitFeatures, label: str, gallery: np.ndarray, seed: int) -> tuple[dict, dict]:
-    """Item- and identity-level recall of one duration, and the item-level ranks per metric."""
-    queries, faces, ids = split.v_s[label][gallery], split.v_f[gallery], split.speakers[gallery]
-    size = len(gallery)
+# metric -> (item ranks (M,), identity ranks (M,)) of a gallery whose query i's own clip is row i.
+Ranker = Callable[[str], tuple[torch.Tensor, torch.Tensor]]
+
+
+def retrieval_tables(rank: Ranker, ids: np.ndarray, seed: int) -> tuple[dict, dict]:
+    """Item- and identity-level recall@k per metric with their chance, over a gallery of
+    speakers `ids` (M,); and the item-level ranks per metric."""
+    size = len(ids)
     items = {"gallery_size": size, "chance": {f"recall@{k}": m.chance_recall(k, size) for k in m.DEFAULT_KS}}
     identity = {"gallery_size": size, "chance": m.identity_chance_recall(ids, ids)}
     ranks = {}
     for metric in m.METRICS:
-        ranks[metric] = m.retrieval_ranks(queries, faces, metric=metric)  # (M,)
+        ranks[metric], id_ranks = rank(metric)  # (M,) each
         items[metric] = recall_with_ci(ranks[metric], m.DEFAULT_KS, seed)
-        id_ranks = m.identity_ranks(queries, faces, ids, ids, metric)  # (M,)
         identity[metric] = recall_with_ci(id_ranks, m.DEFAULT_KS, seed)
     return {"items": items, "identity": identity}, ranks
+
+
+def retrieval(split: SplitFeatures, label: str, gallery: np.ndarray, seed: int) -> tuple[dict, dict]:
+    """Item- and identity-level recall of one duration, and the item-level ranks per metric."""
+    queries, faces, ids = split.v_s[label][gallery], split.v_f[gallery], split.speakers[gallery]
+    return retrieval_tables(lambda metric: (
+        m.retrieval_ranks(queries, faces, metric=metric), m.identity_ranks(queries, faces, ids, ids, metric)
+    ), ids, seed)
 
 
 def oracle_vectors(attributes: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, list[str]] | None:
@@ -401,16 +414,6 @@ def probe_reader(evaluation: Evaluation) -> dict[str, Any]:
     return out or {"skipped": f"{train}: no attribute with 2 or more known classes"}
 
 
-def _decoded_faces(decoder: Any, features: torch.Tensor) -> list[np.ndarray]:
-    """Canonical faces decoded from (N, D) features as RGB uint8 (H, W, 3) arrays."""
-    faces = []
-    with torch.no_grad():
-        for chunk in features.float().split(FACE_CHUNK):
-            images = decoder(chunk)["image"].clamp(0, 1)  # (B, 3, H, W) in [0, 1]
-            faces += list((images * 255).round().byte().permute(0, 2, 3, 1).numpy())
-    return faces
-
-
 def _read_age_gender(net: Any, faces: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(gender labels, age-decade labels) of RGB face images, read in chunks."""
     genders, decades = [], []
@@ -432,6 +435,7 @@ def agegender_reader(evaluation: Evaluation) -> dict[str, Any]:
         return {"skipped": f"no AgeGenderNet weights in {DEFAULT_MODEL_DIR}; run `make faceapi`"}
     from PIL import Image
 
+    from s2f.craniofacial import decode_images
     from s2f.decoder_training import load_decoder
 
     net, decoder, split = AgeGenderNet.load(), load_decoder(evaluation.decoder), evaluation.split
@@ -440,7 +444,7 @@ def agegender_reader(evaluation: Evaluation) -> dict[str, Any]:
     reference = dict(zip(("gender", "age_decade"), _read_age_gender(net, originals)))
     out: dict[str, Any] = {name: {"durations": {}} for name in reference}
     for label, v_s in split.v_s.items():
-        predicted = dict(zip(("gender", "age_decade"), _read_age_gender(net, _decoded_faces(decoder, v_s))))
+        predicted = dict(zip(("gender", "age_decade"), _read_age_gender(net, decode_images(decoder, v_s))))
         for name in reference:
             truth = label_column(split.attributes, name)
             truth = truth.astype(str) if all(v is not None for v in truth) else None
@@ -539,33 +543,43 @@ def evaluate(
     durations: Sequence[float] = DEFAULT_DURATIONS, seed: int = 0, train_shards: str | Path | None = None,
     batch_size: int = 32, device: str | None = None, n_tuples: int = m.DEFAULT_N_TUPLES,
     readers: Mapping[str, Reader] | None = None, decoder: str | Path | None = None,
+    face_teacher: str | None = None,
 ) -> dict:
     """Evaluate a checkpoint on a split folder; writes out/metrics.json and out/report.html.
 
     train_shards: the split the attribute probes learn from; None means the `train` folder next
     to `shards`. readers: attribute readers (default `READERS`). decoder: a face decoder
-    checkpoint, for the readers that look at decoded faces.
+    checkpoint: adds the "faces" section (`s2f.decoded_faces`) and the readers that look at
+    decoded faces. face_teacher: the teacher spec that reads decoded faces ("dlib",
+    "vggface:PATH"); None uses the shards' teacher when its name alone loads it.
     """
+    from s2f.decoded_faces import FaceStage, face_grid
     from s2f.report import render_report
 
     shards, out = Path(shards), Path(out)
     train = Path(train_shards) if train_shards is not None else shards.parent / "train"
     if gallery_size < 1:
         raise ValueError(f"gallery_size={gallery_size}: need at least 1 face per gallery")
+    # Loaded before the model runs: a wrong decoder or teacher fails in seconds, not minutes.
+    faces = FaceStage.load(decoder, face_teacher, shards) if decoder is not None else None
     out.mkdir(parents=True, exist_ok=True)
     device = device or default_device()
     split = embed_split(load_model(ckpt, device), shards, durations, batch_size, device)
     evaluation = Evaluation(split, shards, train, Path(decoder) if decoder is not None else None)
     result, gallery = compute_metrics(
         split, out, gallery_size, seed, n_tuples, evaluation, READERS if readers is None else readers)
+    longest = duration_label(max(durations))
+    pictures = media(split, gallery, shards, longest, seed)
+    if faces is not None:
+        result["faces"], readings = faces.evaluate(split, gallery, seed)
+        pictures["faces"] = face_grid(split, readings, shards, longest, seed)
     result["config"] = {
         "checkpoint": str(ckpt), "shards": str(shards), "train_shards": str(train), "seed": seed,
         "gallery_size": gallery_size, "durations": [duration_label(s) for s in durations],
         "ks": list(m.DEFAULT_KS), "n_tuples": n_tuples, "decoder": None if decoder is None else str(decoder),
     }
     (out / METRICS_FILE).write_text(json.dumps(result, sort_keys=True, indent=2) + "\n")
-    longest = duration_label(max(durations))
-    render_report(result, media(split, gallery, shards, longest, seed), out / REPORT_FILE)
+    render_report(result, pictures, out / REPORT_FILE)
     return result
 
 
@@ -592,7 +606,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--tuples", type=int, default=m.DEFAULT_N_TUPLES, help="1:2 matching trials")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--decoder", help="face decoder checkpoint: adds the age/gender reader on decoded faces")
+    p.add_argument("--decoder", help="face decoder checkpoint: adds F2F / S2F faces (detection, retrieval, "
+                                     "craniofacial) and the age/gender reader on decoded faces")
+    p.add_argument("--face-teacher", help="teacher that reads decoded faces: dlib or vggface:PATH (default: "
+                                          "the shards' teacher when it is dlib)")
     return p
 
 
@@ -602,6 +619,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out) if args.out else ckpt.parent / f"eval-{ckpt.stem}"
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     evaluate(ckpt, args.shards, out, args.gallery_size, args.durations, args.seed,
-             args.train_shards, args.batch_size, args.device, args.tuples, decoder=args.decoder)
+             args.train_shards, args.batch_size, args.device, args.tuples, decoder=args.decoder,
+             face_teacher=args.face_teacher)
     print(f"wrote {out / METRICS_FILE} and {out / REPORT_FILE}")
     return 0

@@ -1,14 +1,16 @@
 """Evaluation report: metrics.json (+ the media `s2f.evaluate` collects) -> one HTML file.
 
 The file is self-contained: figures are base64 PNGs drawn with matplotlib's Agg backend, faces are
-the shards' own face.jpg bytes inlined as base64 JPEGs. Section ids: summary, similarity,
-retrieval, identity, matching, attributes, groups, grids, tsne, ethics.
+the shards' own face.jpg bytes inlined as base64 JPEGs, decoded faces as base64 PNGs. Section ids:
+summary, similarity, retrieval, identity, matching, attributes, groups, grids, faces, tsne, ethics.
 
 `media` (from `s2f.evaluate.media`):
 - angles: {duration: (N,) angles in degrees};
 - grid: {duration, rows: [{query, faces: [{key, jpeg (bytes or None), true}]}]}, faces[0] being
   the true face and the rest the retrieved ones, best first;
-- embedding: {duration, v_s (P, D), labels: {attribute: (P,) labels, None where unknown}}.
+- embedding: {duration, v_s (P, D), labels: {attribute: (P,) labels, None where unknown}};
+- faces (with a decoder, `s2f.decoded_faces.face_grid`): {duration, rows: [{key, true (face.jpg
+  bytes or None), f2f, s2f (PNG bytes), f2f_detected, s2f_detected}]}.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ SECTIONS = {
     "attributes": "Attribute agreement",
     "groups": "Results by group",
     "grids": "Retrieval examples",
+    "faces": "Decoded faces: F2F and S2F",
     "tsne": "t-SNE of predicted features",
     "ethics": "What this measures, and what it does not",
 }
@@ -62,6 +65,7 @@ th:first-child,td:first-child{text-align:left}caption{text-align:left;font-weigh
 .note{color:#555;font-size:.92em}.ci{color:#777;font-size:.85em}
 .grid img{width:96px;height:96px;border:4px solid transparent;margin:1px}.grid img.true{border-color:#1a9850}
 .grid td{text-align:center;font-size:.8em}
+.faces img{width:96px;height:96px;margin:1px;image-rendering:pixelated}.faces td{text-align:center;font-size:.8em}
 """
 
 
@@ -334,6 +338,97 @@ def _face(face: Mapping[str, Any], caption: str) -> str:
     return f'<img{css} src="{src}" alt="{_e(face["key"])}" title="{_e(face["key"])}"><br>{_e(caption)}{mark}'
 
 
+FACE_SETS_NOTE = (
+    "F2F = decoder(v_f): the canonical face decoded from the true face's feature, the upper bound of "
+    "what the decoder keeps. S2F = decoder(v_s): the canonical face decoded from the voice's predicted "
+    "feature. Each decoded face is enlarged for dlib, detected (HOG), given 68 landmarks, aligned as the "
+    "shard builder aligns face.jpg and read by the teacher.")
+
+
+def decoded_faces(faces: Mapping[str, Any] | None, grid: Mapping[str, Any] | None) -> str:
+    if faces is None:
+        return _note("Run with --decoder DECODER_CKPT to decode F2F and S2F faces and measure them.")
+    sets = {"F2F": faces["f2f"], **{f"S2F {label}": entry for label, entry in faces["s2f"].items()}}
+    parts = [_note(FACE_SETS_NOTE + f" Decoder <code>{_e(faces['decoder'])}</code>, "
+                   f"{faces['image_size']} px faces, {faces['items']} clips."),
+             _detection_table(sets)]
+    if "retrieval_skipped" in faces:
+        parts.append(_note(f"Retrieval of decoded faces not run: {_e(faces['retrieval_skipped'])}"))
+    else:
+        parts += [_decoded_retrieval_table(sets, "retrieval", "the clip's own true face"),
+                  _decoded_retrieval_table(sets, "identity_retrieval", "any true face of the speaker")]
+    for label, entry in faces["s2f"].items():
+        parts.append(_correlation_table(entry["craniofacial"], "measurement",
+                                        f"Craniofacial: F2F vs S2F {label}, Pearson r over clips with a face on both"))
+    for name, entry in sets.items():
+        if "true_geometry" in entry:
+            parts.append(_correlation_table(entry["true_geometry"], "true field ~ measurement",
+                                            f"True face geometry vs measurements on {name}"))
+    parts.append(_note("Lengths are in interocular distances (s2f.craniofacial). The random-pair baseline "
+                       "correlates the same measurements with the pairing shuffled: mean ± std of r and "
+                       "the permutation p of the observed |r|. Faces dlib missed are left out (n)."))
+    return "".join(parts) + _face_grid(grid)
+
+
+def _detection_table(sets: Mapping[str, Mapping[str, Any]]) -> str:
+    rows = [[_e(name), str(d["detected"]), str(d["n"]), _pct(d["rate"]) + _ci(d["ci"])]
+            for name, d in ((name, entry["detection"]) for name, entry in sets.items())]
+    return _table(["faces", "detected", "of", "rate % [95% Wilson]"], rows, "dlib finds a face")
+
+
+def _decoded_retrieval_table(sets: Mapping[str, Mapping[str, Any]], key: str, match: str) -> str:
+    first = next(iter(sets.values()))[key]
+    ks = _ks(first["chance"])
+    rows = [[_e(name), _e(metric), *[_value(entry[key][metric][f"recall@{k}"]) for k in ks],
+             *[_times(entry[key]["chance_ratio"][metric].get(f"recall@{k}")) for k in ks]]
+            for name, entry in sets.items() for metric in METRICS]
+    rows.append(["chance", "", *[_pct(first["chance"][f"recall@{k}"]) for k in ks], *["1.0"] * len(ks)])
+    head = ["faces", "metric", *[f"R@{k} %" for k in ks], *[f"R@{k} / chance" for k in ks]]
+    caption = (f"Decoded face's descriptor as query, a hit is {match}; gallery of {first['gallery_size']} "
+               "true-face features [95% bootstrap CI]; a face dlib missed ranks last")
+    return _table(head, rows, caption)
+
+
+def _times(ratio: float | None) -> str:
+    return "–" if ratio is None else f"{ratio:.1f}"
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}g}"
+
+
+def _correlation_table(table: Mapping[str, Mapping[str, Any]], first: str, caption: str) -> str:
+    rows = []
+    for name, row in table.items():
+        base = row.get("baseline")
+        random_pair = "–" if base is None else f"{base['mean']:+.3f} ± {base['std']:.3f}"
+        rows.append([_e(name), "–" if row["r"] is None else f"{row['r']:+.3f}", _number(row["p"]),
+                     str(row["n"]), random_pair, _number(None if base is None else base["p_value"])])
+    return _table([first, "r", "p", "n", "random-pair r", "permutation p"], rows, caption)
+
+
+def _face_grid(grid: Mapping[str, Any] | None) -> str:
+    if grid is None:
+        return ""
+    rows = [[_picture(row["true"], "image/jpeg", row["key"]) + "<br>true face",
+             _picture(row["f2f"], "image/png", row["key"]) + f"<br>F2F{_missed(row['f2f_detected'])}",
+             _picture(row["s2f"], "image/png", row["key"]) + f"<br>S2F{_missed(row['s2f_detected'])}"]
+            for row in grid["rows"]]
+    note = (f"A seeded sample of test clips: the shard's face crop, F2F, and S2F from {grid['duration']} "
+            "of audio. \"no face\" marks a decoded face dlib does not detect.")
+    return f'<div class="faces">{_table(["true face", "F2F", "S2F"], rows)}</div>' + _note(note)
+
+
+def _picture(data: bytes | None, mime: str, key: str) -> str:
+    if data is None:
+        return f"{_e(key)}<br>(no face.jpg)"
+    return f'<img src="{_data_uri(data, mime)}" alt="{_e(key)}" title="{_e(key)}">'
+
+
+def _missed(detected: bool) -> str:
+    return "" if detected else " (no face)"
+
+
 def tsne(embedding: Mapping[str, Any]) -> str:
     points = np.asarray(embedding["v_s"], dtype=np.float64)  # (P, D)
     if len(points) < 5:
@@ -402,6 +497,7 @@ def render_report(metrics: Mapping[str, Any], media: Mapping[str, Any], out_path
         "attributes": attributes(metrics),
         "groups": groups(metrics),
         "grids": grids(media.get("grid")),
+        "faces": decoded_faces(metrics.get("faces"), media.get("faces")),
         "tsne": tsne(media["embedding"]) if "embedding" in media else _note("No features were given."),
         "ethics": ethics(metrics),
     }

@@ -1,14 +1,13 @@
-"""Craniofacial measurements: known answers, correlation tables, rendered faces, decoded faces."""
+"""Craniofacial measurements: known answers, correlation tables, rendered faces."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import scipy.stats
-import torch
 
 from s2f import craniofacial as cf
-from s2f.decoder import FaceDecoder, default_mean_landmarks
+from s2f.decoder import default_mean_landmarks
 from s2f.demo.render import FaceAppearance, render_canonical
 from s2f.faces import align_face, detect_faces
 
@@ -89,12 +88,3 @@ def test_rendered_faces_measure_wider_noses_and_faces_wider():
     # jaw, so a wider face here is wider at both (as the demo world correlates them)
     faces = [_rendered(face_width=w, jaw_width=w)["face_width"] for w in (0.0, 0.5, 1.0)]
     assert faces[0] < faces[1] < faces[2]
-
-
-def test_decode_and_measure_reports_shapes_and_misses():
-    decoder = FaceDecoder.from_preset("tiny").eval()  # untrained: dlib finds no face
-    images, landmarks, found = cf.decode_and_measure(decoder, torch.randn(3, 128))
-    assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
-    assert landmarks.shape == (3, 68, 2) and found.shape == (3,)
-    assert np.isnan(landmarks[~found]).all()
-    assert cf.upsample_for_dlib(images[0]).shape == (160, 160, 3)

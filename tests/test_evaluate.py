@@ -98,6 +98,16 @@ def world(tmp_path_factory):
     return {"root": root, "ckpt": ckpt, "test": root / "shards" / "test"}
 
 
+def save_decoder(path, in_dim: int = DIM) -> str:
+    """An untrained tiny FaceDecoderModule checkpoint (32 x 32 faces dlib does not find)."""
+    from s2f.decoder_training import FaceDecoderModule
+
+    torch.manual_seed(0)
+    module = FaceDecoderModule(preset="tiny", in_dim=in_dim)
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def first_run(world):
     out = world["root"] / "out"
@@ -346,11 +356,9 @@ def test_agegender_reader_needs_a_decoder(features, world):
 @pytest.mark.slow
 def test_agegender_reader_on_decoded_faces(features, world, faceapi_cache, tmp_path):
     from s2f.agegender import AgeGenderNet
-    from s2f.decoder_training import FaceDecoderModule, load_decoder
+    from s2f.decoder_training import load_decoder
 
-    decoder_module = FaceDecoderModule(preset="tiny", in_dim=DIM)
-    path = tmp_path / "decoder.ckpt"
-    torch.save({"hyper_parameters": dict(decoder_module.hparams), "state_dict": decoder_module.state_dict()}, path)
+    path = save_decoder(tmp_path / "decoder.ckpt")
     result = ev.agegender_reader(ev.Evaluation(features, world["test"], None, decoder=path))
     net, decoder = AgeGenderNet.load(), load_decoder(path)
     jpegs = ev.read_faces(world["test"], features.keys)
@@ -367,3 +375,72 @@ def test_agegender_reader_on_decoded_faces(features, world, faceapi_cache, tmp_p
         assert gender["reference_vs_prediction"]["confusion"] == expected.tolist()
         assert gender["reference_vs_prediction"]["n"] == len(features.keys)
         assert "truth_vs_reference" in gender  # the fixture's faces carry a true gender
+
+
+# ----------------------------------------------------------------------------- decoded faces
+
+
+@pytest.fixture(scope="module")
+def decoder_run(world):
+    out = world["root"] / "out-decoder"
+    decoder = save_decoder(world["root"] / "decoder.ckpt")
+    metrics = ev.evaluate(world["ckpt"], world["test"], out, gallery_size=GALLERY, durations=DURATIONS,
+                          n_tuples=TUPLES, batch_size=8, device="cpu", readers={}, decoder=decoder)
+    return {"out": out, "metrics": metrics}
+
+
+@pytest.mark.slow
+def test_faces_section_counts_every_decoded_face(decoder_run):
+    from s2f.craniofacial import MEASUREMENTS
+
+    faces = decoder_run["metrics"]["faces"]
+    items = SPLIT_SPEAKERS["test"] * CLIPS
+    assert faces["items"] == items and faces["image_size"] == 32
+    # The fixture's features are synthetic: no face network reads them, so retrieval is skipped.
+    assert faces["teacher"] is None and "--face-teacher" in faces["retrieval_skipped"]
+    sets = [faces["f2f"], *faces["s2f"].values()]
+    assert list(faces["s2f"]) == ["3s", "6s"]
+    for entry in sets:
+        detection = entry["detection"]
+        assert detection["n"] == items and 0 <= detection["rate"] <= 1
+        assert 0 <= detection["ci"][0] <= detection["rate"] <= detection["ci"][1] <= 1
+        # ground-truth face_width and jaw_width travel in "appearance"
+        assert set(entry["true_geometry"]) == {"face_width ~ face_width", "jaw_width ~ jaw_width"}
+        assert all(row["n"] <= detection["detected"] for row in entry["true_geometry"].values())
+    for entry in faces["s2f"].values():
+        assert list(entry["craniofacial"]) == list(MEASUREMENTS)
+
+
+@pytest.mark.slow
+def test_report_shows_decoded_face_grids_and_tables(decoder_run):
+    from s2f.craniofacial import MEASUREMENTS
+    from s2f.decoded_faces import GRID_FACES
+
+    page = (decoder_run["out"] / ev.REPORT_FILE).read_text()
+    section = re.search(r'<section id="faces">(.*?)</section>', page).group(1)
+    grid = re.search(r'<div class="faces">(.*?)</div>', section).group(1)
+    sources = re.findall(r'<img[^>]* src="data:image/(png|jpeg);base64,([^"]+)"', grid)
+    assert [kind for kind, _ in sources] == ["jpeg", "png", "png"] * GRID_FACES  # true | F2F | S2F
+    for _, data in sources:
+        Image.open(io.BytesIO(base64.b64decode(data))).verify()
+    for label in ("3s", "6s"):
+        assert f"Craniofacial: F2F vs S2F {label}" in section
+    assert all(f"<td>{name}</td>" in section for name in MEASUREMENTS)
+    assert "True face geometry vs measurements on F2F" in section
+    assert "Retrieval of decoded faces not run" in section
+
+
+@pytest.mark.slow
+def test_report_without_decoder_says_how_to_get_faces(first_run):
+    page = (first_run["out"] / ev.REPORT_FILE).read_text()
+    assert "faces" not in first_run["metrics"]
+    assert "--decoder" in re.search(r'<section id="faces">(.*?)</section>', page).group(1)
+
+
+def test_decoder_and_face_teacher_must_fit_the_shards(world, tmp_path):
+    from s2f.decoded_faces import FaceStage
+
+    with pytest.raises(ValueError, match="--decoder .* decodes 128-D features, but .* 16-D"):
+        FaceStage.load(save_decoder(tmp_path / "wide.ckpt", in_dim=128), None, world["test"])
+    with pytest.raises(ValueError, match="--face-teacher dlib: gives 128-D features"):
+        FaceStage.load(save_decoder(tmp_path / "fits.ckpt"), "dlib", world["test"])

@@ -1,0 +1,118 @@
+"""Decoded-face stage of `s2f evaluate --decoder`: ranks with missed faces, reading real faces."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from s2f import craniofacial as cf
+from s2f import decoded_faces as dfc
+from s2f.decoder import FaceDecoder
+from s2f.demo.render import FaceAppearance, render_canonical
+from s2f.evaluate import SplitFeatures
+from s2f.faces import extract_face
+from s2f.teacher import DlibTeacher
+
+DECODED_SIZE = 64  # the demo decoder's output side
+# Six demo-world faces, each field spread over its range so that no two faces look alike.
+APPEARANCES = [
+    FaceAppearance(nose_width=nose, nose_height=1 - nose, mouth_width=mouth, face_width=width,
+                   jaw_width=width, skin_tone=skin, hair_style=hair)
+    for nose, mouth, width, skin, hair in [(0.0, 0.3, 0.2, 0.2, 0), (0.3, 0.9, 0.8, 0.7, 1), (0.6, 0.1, 0.4, 0.4, 2),
+                                          (1.0, 0.6, 0.6, 0.9, 3), (0.8, 0.4, 0.1, 0.1, 4), (0.1, 0.7, 0.9, 0.5, 1)]
+]  # fmt: skip
+
+
+def test_decoded_ranks_of_a_hand_made_gallery():
+    # Gallery rows e0..e3 of speakers a, a, b, c. Query 0 is its own face; query 1 is speaker a's
+    # other face (identity hit, item rank last: it ties with the other zeros); query 2 was not
+    # found by dlib; query 3 leans to its own face.
+    true = torch.eye(4)
+    speakers = np.array(["a", "a", "b", "c"])
+    descriptors = np.array([[1, 0, 0, 0], [1, 0, 0, 0], [np.nan] * 4, [0, 0, 1, 2]], dtype=np.float32)
+    for metric in ("cosine", "l2"):
+        items, identity = dfc.decoded_ranks(descriptors, true, speakers, metric)
+        assert items.tolist() == [1, 4, 4, 1], metric
+        assert identity.tolist() == [1, 1, 4, 1], metric  # the missed query: 1 + 3 other speakers' clips
+
+
+def test_detection_counts_and_interval():
+    result = dfc.detection(np.array([True, True, False, True]))
+    assert (result["detected"], result["n"], result["rate"]) == (3, 4, 0.75)
+    assert 0 <= result["ci"][0] < 0.75 < result["ci"][1] <= 1
+
+
+def test_untrained_decoder_faces_are_counted_as_missed():
+    decoder = FaceDecoder.from_preset("tiny").eval()  # untrained: dlib finds no face
+    images = cf.decode_images(decoder, torch.randn(3, 128))
+    assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
+    reading = dfc.read_decoded_faces(images, teacher=None)
+    assert reading.landmarks.shape == (3, 68, 2) and reading.descriptors is None
+    assert not reading.detected.any() and np.isnan(reading.landmarks).all()
+    assert cf.upsample_for_dlib(images[0]).shape == (160, 160, 3)
+
+
+class LookupDecoder(nn.Module):
+    """Stands in for a trained decoder: the face stored for the nearest stored feature."""
+
+    def __init__(self, features: torch.Tensor, images: np.ndarray):
+        super().__init__()
+        self.features = nn.Parameter(features, requires_grad=False)  # (N, D)
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # (N, 3, S, S)
+        self.images = nn.Parameter(pixels, requires_grad=False)
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        nearest = torch.cdist(features, self.features).argmin(dim=1)  # (B,)
+        return {"image": self.images[nearest]}
+
+
+@pytest.fixture(scope="module")
+def rendered():
+    """Six faces aligned as the shard builder aligns them, their dlib descriptors, and the same
+    crops shrunk to the decoder's output size."""
+    crops = np.stack([extract_face(render_canonical(a)).crop for a in APPEARANCES])  # (6, 224, 224, 3)
+    teacher = DlibTeacher.load()
+    small = np.stack([np.asarray(Image.fromarray(c).resize((DECODED_SIZE,) * 2, Image.BILINEAR)) for c in crops])
+    return {"teacher": teacher, "v_f": torch.from_numpy(teacher.features(crops)), "small": small}
+
+
+def test_shrunk_faces_are_found_and_read_as_their_own(rendered):
+    reading = dfc.read_decoded_faces(rendered["small"], rendered["teacher"])
+    assert reading.detected.all()
+    assert np.abs(reading.landmarks).max() < 1  # normalised coordinates, inside the image
+    distance = np.linalg.norm(reading.descriptors[:, None] - rendered["v_f"].numpy()[None], axis=2)  # (6, 6)
+    assert (distance.argmin(axis=1) == np.arange(6)).all()
+    assert distance.diagonal().max() < 0.6  # dlib's same-person threshold
+
+
+def test_face_stage_on_faces_decoded_by_lookup(rendered):
+    # F2F decodes every clip to its own face; S2F decodes clip i to the next clip's face.
+    v_f = rendered["v_f"]
+    n = len(v_f)
+    split = SplitFeatures(
+        keys=[f"demo/s{i}/c0" for i in range(n)], speakers=np.array([f"s{i}" for i in range(n)]),
+        v_f=v_f, v_s={"6s": v_f.roll(-1, dims=0)},
+        attributes=[{"nose_width": a.nose_width, "face_width": a.face_width, "age": 30} for a in APPEARANCES],
+        skipped=[],
+    )  # fmt: skip
+    stage = dfc.FaceStage(Path("lookup"), LookupDecoder(v_f, rendered["small"]), rendered["teacher"], "dlib", "dlib")
+    section, readings = stage.evaluate(split, np.arange(n), seed=0)
+    assert set(readings) == {"f2f", "6s"}
+    f2f, s2f = section["f2f"], section["s2f"]["6s"]
+    assert f2f["detection"]["rate"] == s2f["detection"]["rate"] == 1.0
+    for table in (f2f["retrieval"], f2f["identity_retrieval"], s2f["retrieval"]):
+        assert table["gallery_size"] == n and table["chance"]["recall@1"] == pytest.approx(1 / n)
+    for metric in ("cosine", "l2"):
+        assert f2f["retrieval"][metric]["recall@1"]["value"] == 1.0
+        assert f2f["retrieval"]["chance_ratio"][metric]["recall@1"] == pytest.approx(n)
+        assert s2f["retrieval"][metric]["recall@1"]["value"] == 0.0  # the next face is not one's own
+    assert list(s2f["craniofacial"]) == list(cf.MEASUREMENTS)
+    assert all(row["n"] == n for row in s2f["craniofacial"].values())
+    assert set(f2f["true_geometry"]) == {"nose_width ~ nose_width", "face_width ~ face_width"}
+    assert f2f["true_geometry"]["nose_width ~ nose_width"]["r"] > 0.5
+    assert section["teacher"] == "dlib" and section["image_size"] == DECODED_SIZE
