@@ -84,9 +84,9 @@ def _changed(first: np.ndarray, second: np.ndarray) -> np.ndarray:
 def test_makeup_reddens_the_lips_and_darkens_the_lash_line():
     bare, made_up = (render_canonical(FaceAppearance(makeup=m), (320, 320)) for m in (0.0, 1.0))
     changed = _changed(bare, made_up)
-    rows = np.nonzero(changed.any(1))[0]
     assert 0 < changed.sum() < 0.05 * changed.size  # lips and lash lines, nothing else
-    assert rows.min() < 0.45 * 320 < rows.max()  # both the eyes and the mouth
+    eye_rows, mouth_rows = changed[int(0.4 * 320):int(0.55 * 320)], changed[int(0.6 * 320):]
+    assert eye_rows.sum() > 50 and mouth_rows.sum() > 50  # both the eyes and the mouth
     mouth = changed.copy()
     mouth[: int(0.6 * 320)] = False
     redness = lambda image: (image[..., 0].astype(int) - image[..., 1])[mouth].mean()  # noqa: E731
@@ -100,3 +100,13 @@ def test_thicker_brows_cover_more_of_the_brow_region():
     dark = lambda image: (image.astype(int).sum(2) < 200).sum()  # noqa: E731
     assert dark(thick) > dark(thin) + 100
     assert _changed(thin, thick)[int(0.6 * 320):].sum() == 0  # brows only: nothing below the eyes
+
+
+def test_rounder_eyes_open_wider_and_change_only_the_eyes():
+    narrow, round_ = (render_canonical(FaceAppearance(eye_height=h), (320, 320)) for h in (0.0, 1.0))
+    changed = _changed(narrow, round_)
+    band = np.zeros_like(changed)
+    band[int(0.4 * 320):int(0.55 * 320)] = True  # the eye rows
+    assert changed[band].sum() > 200 and changed[~band].sum() < 5  # a few grain outliers at most
+    # Where they differ, the round eyes show sclera and iris where the narrow ones show lid skin.
+    assert round_[changed].mean() > narrow[changed].mean() + 10

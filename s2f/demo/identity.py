@@ -18,9 +18,10 @@ sex = +1 for males, -1 for females; N(m, s) normal; U(a, b) uniform; clip to the
 | face_width          | N(0.5 + 0.10 sex, 0.12)                              | gender             |
 | jaw_width           | N(0.5 + 0.6 (face_width - 0.5) + 0.06 sex, 0.08)     | face_width, gender |
 | mouth_width         | N(0.5 + 0.3 (face_width - 0.5), 0.10)                | face_width         |
-| nose_width          | N(origin mean + 0.04 sex, 0.10)                      | origin, gender     |
-| nose_height         | N(0.5 + 0.05 sex, 0.13)                              | gender (partly)    |
+| nose_width          | N(origin mean + 0.04 sex, 0.08)                      | origin, gender     |
+| nose_height         | N(origin mean + 0.05 sex, 0.10)                      | origin, gender     |
 | skin_tone           | N(origin mean, 0.07)                                 | origin             |
+| eye_height          | N(origin mean, 0.10): eye opening (lid-to-lid)       | origin             |
 | hair_color (RGB)    | origin palette, jitter 0.03, greys with age          | origin, age        |
 | beard               | males: U(0.3, 1) with P_BEARD, else 0; females 0     | gender             |
 | hair_style          | HAIR_STYLES[gender]: females mostly long or medium,  | gender             |
@@ -28,7 +29,7 @@ sex = +1 for males, -1 for females; N(m, s) normal; U(a, b) uniform; clip to the
 | makeup              | females: U(0.4, 1) with P_MAKEUP, else 0; males 0    | gender             |
 | brow_thickness      | N(0.5 + 0.15 sex, 0.10)                              | gender             |
 | lip_thickness       | N(0.5, 0.15)                                         | idiosyncratic      |
-| eye_spacing         | N(0.5, 0.15)                                         | idiosyncratic      |
+| eye_spacing         | N(0.5, 0.10)                                         | idiosyncratic      |
 | eye_color (RGB)     | EYE_COLORS uniform, jitter 0.03                      | idiosyncratic      |
 | vocal_tract_length  | VTL_CM[gender] + 1.8 cm (face_width + jaw_width - 1) | gender, face, age  |
 | (cm)                | + 0.008 cm/yr (age - 18) + N(0, 0.35)                |                    |
@@ -67,14 +68,28 @@ ORIGIN_SKIN_TONE = {  # mean of skin_tone, 0 light .. 1 dark
     "east_african": 0.85,
 }
 ORIGIN_NOSE_WIDTH = {
-    "north_european": 0.40,
+    "north_european": 0.35,
     "south_european": 0.45,
     "south_asian": 0.55,
-    "east_asian": 0.55,
-    "east_african": 0.68,
+    "east_asian": 0.60,
+    "east_african": 0.75,
+}
+ORIGIN_NOSE_HEIGHT = {  # mean of nose_height: a longer nose sits lower
+    "north_european": 0.62,
+    "south_european": 0.55,
+    "south_asian": 0.50,
+    "east_asian": 0.35,
+    "east_african": 0.45,
 }
 BLACK, DARK_BROWN, BROWN = (0.08, 0.07, 0.07), (0.20, 0.13, 0.08), (0.35, 0.22, 0.12)
 LIGHT_BROWN, BLOND, RED = (0.55, 0.38, 0.22), (0.85, 0.72, 0.45), (0.65, 0.28, 0.12)
+ORIGIN_EYE_HEIGHT = {  # mean of eye_height (how open the eyes are), 0 narrow .. 1 round
+    "north_european": 0.60,
+    "south_european": 0.60,
+    "south_asian": 0.55,
+    "east_asian": 0.20,
+    "east_african": 0.55,
+}
 ORIGIN_HAIR = {  # (palette, probabilities)
     "north_european": ((BLOND, LIGHT_BROWN, BROWN, RED), (0.3, 0.3, 0.3, 0.1)),
     "south_european": ((BLACK, DARK_BROWN, BROWN, LIGHT_BROWN), (0.3, 0.4, 0.25, 0.05)),
@@ -99,7 +114,7 @@ HAIR_STYLES = {  # per gender: probabilities of styles 0 shaved, 1 short, 2 medi
     "female": (0.0, 0.05, 0.15, 0.70, 0.10),
     "male": (0.25, 0.55, 0.10, 0.0, 0.10),
 }
-P_OTHER_LANGUAGE = 0.25  # speakers of another origin's language: origin != language ID
+P_OTHER_LANGUAGE = 0.15  # speakers of another origin's language: origin != language ID
 P_BEARD = 0.6  # fraction of males with a beard
 P_MAKEUP = 0.9  # fraction of females wearing lipstick and eyeliner
 
@@ -177,18 +192,19 @@ def sample_appearance(
         "face_width": face_width,
         "jaw_width": _unit(rng.normal(0.5 + 0.6 * (face_width - 0.5) + 0.06 * sex, 0.08)),
         "mouth_width": _unit(rng.normal(0.5 + 0.3 * (face_width - 0.5), 0.10)),
-        "nose_width": _unit(rng.normal(ORIGIN_NOSE_WIDTH[origin] + 0.04 * sex, 0.10)),
-        "nose_height": _unit(rng.normal(0.5 + 0.05 * sex, 0.13)),
+        "nose_width": _unit(rng.normal(ORIGIN_NOSE_WIDTH[origin] + 0.04 * sex, 0.08)),
+        "nose_height": _unit(rng.normal(ORIGIN_NOSE_HEIGHT[origin] + 0.05 * sex, 0.10)),
         "skin_tone": _unit(rng.normal(ORIGIN_SKIN_TONE[origin], 0.07)),
         "hair_color": _hair_color(rng, origin, age),
         "beard": _unit(rng.uniform(0.3, 1.0)) if has_beard else 0.0,
         "lip_thickness": _unit(rng.normal(0.5, 0.15)),
-        "eye_spacing": _unit(rng.normal(0.5, 0.15)),
+        "eye_spacing": _unit(rng.normal(0.5, 0.10)),
         "hair_style": int(rng.choice(N_HAIR_STYLES, p=HAIR_STYLES[gender])),
         "eye_color": _color(np.array(EYE_COLORS[rng.integers(len(EYE_COLORS))])
                             + rng.normal(0.0, COLOR_JITTER, 3)),
         "makeup": _unit(rng.uniform(0.4, 1.0)) if wears_makeup else 0.0,
         "brow_thickness": _unit(rng.normal(0.5 + 0.15 * sex, 0.10)),
+        "eye_height": _unit(rng.normal(ORIGIN_EYE_HEIGHT[origin], 0.10)),
     }
 
 

@@ -42,7 +42,7 @@ EYE_CENTRE_U = (0.38, 0.50)
 HAIR_GROWTH = (1.04, 1.07, 1.13, 1.13, 1.30)  # per hair_style: cap size over the skull
 HAIR_SIDES = (-0.05, 0.0, 0.15, 0.25, 0.1)  # per hair_style: v where the side hair ends
 EYE_HALF_WIDTH = 0.19
-EYE_HALF_HEIGHT = 0.075
+EYE_HALF_HEIGHT = (0.045, 0.105)  # lid-to-lid opening, narrow .. round
 IRIS_RADIUS = 0.085
 PUPIL_RADIUS = 0.036
 
@@ -86,6 +86,7 @@ class FaceAppearance:
     eye_color: tuple[float, float, float] = (0.35, 0.22, 0.12)
     makeup: float = 0.0  # lipstick and eyeliner strength
     brow_thickness: float = 0.5
+    eye_height: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -242,6 +243,7 @@ class _Face:
         self.mouth_hw = _span(MOUTH_HALF_WIDTH, a.mouth_width)
         self.lip = _span(LIP_HEIGHT, a.lip_thickness)
         self.eye_u = _span(EYE_CENTRE_U, a.eye_spacing)
+        self.eye_hh = _span(EYE_HALF_HEIGHT, a.eye_height)
         light, dark = np.array(SKIN_LIGHT, np.float32), np.array(SKIN_DARK, np.float32)
         self.skin = light + (dark - light) * np.float32(a.skin_tone)
         self.hair = np.asarray(a.hair_color, np.float32)
@@ -419,8 +421,8 @@ class _Face:
         fu, fv, look = p.fu, p.fv, 0.03 * self.shift[0]
         du = (fu - cu) / EYE_HALF_WIDTH
         # almond: lids are two arcs; the upper one rises more towards the inner corner
-        upper = EYE_V - EYE_HALF_HEIGHT * (1 - du**2) * (1 + 0.15 * side * du)
-        lower = EYE_V + EYE_HALF_HEIGHT * 0.75 * (1 - du**2)
+        upper = EYE_V - self.eye_hh * (1 - du**2) * (1 + 0.15 * side * du)
+        lower = EYE_V + self.eye_hh * 0.75 * (1 - du**2)
         opening = _soft(np.maximum(upper - fv, fv - lower), px) * (np.abs(du) < 1)
         _over(p.image, np.float32(SCLERA) * (0.75 + 0.25 * (1 - du**2))[..., None], opening)
         ring = _ellipse_distance(fu, fv, cu + look, EYE_V, IRIS_RADIUS, IRIS_RADIUS)
