@@ -2,8 +2,10 @@
 
 `python -m datamodules.bench` writes the same synthetic samples as audio-payload shards (FLAC)
 and spectrogram-payload shards (float16 .npy), then reads each through `ShardDataModule` with
-its workers; the audio figure includes the spectrogram that `on_after_batch_transfer` computes
-(here on the CPU). Random noise is the worst case for FLAC, so the clips are speech-like: a
+its workers. The audio payload is measured three ways: the loader alone, with the spectrogram
+that `on_after_batch_transfer` computes (here on the CPU, in this process), and with the
+workers computing it (`spectrogram_in_workers`); one core's cost per clip of FLAC decoding and
+of the spectrogram is printed beside them, with the samples/s they allow. Random noise is the worst case for FLAC, so the clips are speech-like: a
 harmonic voice whose pitch glides around a speaker's f0, shaped by three formant resonances,
 switched on and off in syllables at ~4 Hz with pauses, plus background noise 40 dB down.
 """
