@@ -32,7 +32,9 @@ HEAD_HEIGHT = CHIN - HEAD_TOP  # 2.85 units: top of head to chin
 HEAD_CENTRE_V = (HEAD_TOP + CHIN) / 2  # placed at ClipVariation.center
 
 # Appearance ranges: a normalised field 0..1 maps linearly onto (low, high) in units.
-FACE_HALF_WIDTH = (0.90, 1.10)
+# Face width spread as in adults (bizygomatic breadth: SD ~4.5%, men ~7% wider than women):
+# field SD 0.12 -> 4.8% of the width; the sex term of identity.py (+-0.10) -> 8%.
+FACE_HALF_WIDTH = (0.80, 1.20)
 JAW_HALF_WIDTH = (0.62, 0.92)  # at mouth height, before the chin rounds off
 NOSE_HALF_WIDTH = (0.13, 0.33)  # alar half-width
 NOSE_TIP_SHIFT = (-0.10, 0.10)  # added to NOSE_TIP_V: longer nose = lower base
