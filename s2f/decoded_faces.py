@@ -46,11 +46,10 @@ from s2f.craniofacial import (
     true_geometry_table,
     upsample_for_dlib,
 )
-from s2f.evaluate import SplitFeatures, read_faces, retrieval_tables
+from s2f.evaluate import FACE_CHUNK, SplitFeatures, read_faces, retrieval_tables
 from shards import schema
 
 GRID_FACES = 8  # test clips shown as (true face | F2F | S2F)
-READ_CHUNK = 64  # aligned crops handed to the teacher at a time
 F2F = "f2f"  # reading key of the faces decoded from v_f; S2F readings are keyed by duration
 
 
@@ -89,9 +88,9 @@ def read_decoded_faces(images: np.ndarray, teacher: Any | None = None) -> FaceRe
     n = len(images)
     landmarks = np.full((n, NUM_LANDMARKS, 2), np.nan, dtype=np.float32)
     descriptors = None if teacher is None else np.full((n, teacher.feature_dim), np.nan, np.float32)
-    for start in tqdm(range(0, n, READ_CHUNK), desc="read decoded faces", unit="chunk"):
+    for start in tqdm(range(0, n, FACE_CHUNK), desc="read decoded faces", unit="chunk"):
         crops: dict[int, np.ndarray] = {}
-        for i in range(start, min(start + READ_CHUNK, n)):
+        for i in range(start, min(start + FACE_CHUNK, n)):
             found = landmarks_and_crop(images[i])
             if found is not None:
                 landmarks[i], crops[i] = found
