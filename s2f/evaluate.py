@@ -15,8 +15,9 @@ Durations are keyed "3s", "6s"; recalls are fractions; `{"value", "ci"}` holds a
   are the gallery items, a query's own clip is its match.
 - identity_retrieval[dur]: the same gallery, any clip of the query's speaker is a hit; chance is
   `identity_chance_recall` for this gallery's composition.
-- oracle (when the samples carry attributes): fields used, recall@k -> {value, ci} of ranking
-  the gallery by the true attributes, and ratio[dur][metric][recall@k] = model / oracle.
+- oracle (when the training and evaluated samples carry voice-side truths): fields used, n_train,
+  recall@k -> {value, ci} of the voice-truth oracle (`oracle`), and
+  ratio[dur][metric][recall@k] = model / oracle.
 - matching["random" | "same_gender"]: n_tuples and durations[dur][metric] -> {accuracy, ci}
   (Wilson); the trials are DIR/tuples.json and DIR/tuples_same_gender.json, reused when present.
 - attributes[reader][attribute]: n_train, classes and durations[dur] -> attribute_agreement
@@ -36,6 +37,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +58,13 @@ ORACLE_KS = (1, 5, 10)
 PROBE_ATTRIBUTES = ("gender", "age_decade", "origin")  # read from faces by the linear probe
 GROUP_ATTRIBUTES = ("gender", "age_group", "origin")  # per-group breakdowns
 ORIGIN_FIELDS = ("origin", "ethnicity", "nationality")  # the first one known names the group
-# Voice-linked truths the oracle ranks faces by: categorical, then numeric (SPEC 8: traits shared
-# by many people; face_width / jaw_width set the demo world's vocal-tract length).
-ORACLE_CATEGORICAL = ("gender", "origin")
-ORACLE_NUMERIC = ("age", "face_width", "jaw_width")
+# The speaker's truths a voice carries, which the oracle predicts a face from: categorical, then
+# numeric. Nationality stands for accent (VoxCeleb); the demo world has the spoken language and
+# its voices' vocal-tract length and F0. Face-side truths (origin, face width) are left out: a
+# voice carries them only through these.
+ORACLE_CATEGORICAL = ("gender", "language", "nationality")
+ORACLE_NUMERIC = ("age", "vocal_tract_length", "f0_hz")
+ORACLE_RIDGE = 1e-3  # per training item: keeps the one-hot columns of rare classes finite
 GRID_QUERIES = 8  # queries shown with their retrieved faces
 GRID_TOP = 5  # retrieved faces per query
 FACE_CHUNK = 64  # faces read by a face network at a time
@@ -271,57 +276,59 @@ def retrieval(split: SplitFeatures, label: str, gallery: np.ndarray, seed: int) 
     ), ids, seed)
 
 
-def oracle_vectors(attributes: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, list[str]] | None:
-    """(M, A) standardised truth of the oracle fields known for every item, and their names.
+def oracle_columns(attributes: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, list[str]] | None:
+    """(N, A) oracle columns of the fields known for every item, and the fields' names.
 
-    Categorical fields become one-hot columns. Every column is scaled to unit variance over the
-    gallery, so that no unit (years, widths, one-hot) dominates the distance.
+    Categorical fields become one-hot columns (one per value seen), numeric fields one column each.
     """
     columns, fields = [], []
     for name in ORACLE_CATEGORICAL:
-        values = label_column(attributes, name)
-        if all(v is not None for v in values):
-            columns += [(values == c).astype(np.float64) for c in sorted(set(values))]
+        values = [truth.get(name) for truth in attributes]
+        if all(isinstance(v, str) for v in values):
+            columns += [np.array([v == c for v in values], np.float64) for c in sorted(set(values))]
             fields.append(name)
     for name in ORACLE_NUMERIC:
         values = [truth.get(name) for truth in attributes]
-        if all(isinstance(v, (int, float)) for v in values):
-            columns.append(np.asarray(values, dtype=np.float64))
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            columns.append(np.asarray(values, np.float64))
             fields.append(name)
-    if not fields:
+    return (np.stack(columns, axis=1), fields) if fields else None
+
+
+def oracle_features(x_train: np.ndarray, fc7_train: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Ridge regression of teacher features (N, D) on standardised columns x_train (N, A), fitted
+    on the training split and applied to x (M, A) -> (M, D)."""
+    mean, std = x_train.mean(axis=0), x_train.std(axis=0)
+    std = np.where(std > m.STD_FLOOR, std, 1.0)
+
+    def design(columns: np.ndarray) -> np.ndarray:
+        return np.concatenate([np.ones((len(columns), 1)), (columns - mean) / std], axis=1)  # (., 1 + A)
+
+    a = design(x_train)
+    penalty = ORACLE_RIDGE * len(a) * np.eye(a.shape[1])
+    penalty[0, 0] = 0.0  # the intercept is not shrunk
+    weights = np.linalg.solve(a.T @ a + penalty, a.T @ fc7_train.astype(np.float64))  # (1 + A, D)
+    return design(x) @ weights
+
+
+def oracle(
+    evaluation: Evaluation, gallery: np.ndarray, retrieved: Mapping[str, dict], seed: int
+) -> dict | None:
+    """The voice-truth oracle: each query's face feature predicted linearly from its speaker's
+    true voice-side traits (ORACLE_CATEGORICAL, ORACLE_NUMERIC), the map fitted on the training
+    split's faces, the gallery ranked by cosine as for the model. What a linear reading of those
+    traits retrieves; a model hears more and need not be linear, so it may exceed it."""
+    split, training = evaluation.split, evaluation.training_faces
+    if training is None:
         return None
-    x = np.stack(columns, axis=1)  # (M, A)
-    std = x.std(axis=0)
-    return (x - x.mean(axis=0)) / np.where(std > m.STD_FLOOR, std, 1.0), fields
-
-
-def oracle_ranks(vectors: np.ndarray, seed: int) -> torch.Tensor:
-    """Rank (M,) of each item's own face when the gallery is ordered by attribute distance.
-
-    Every clip of a speaker has the same truth, so ties are the rule: they are broken at random
-    (the true item lands uniformly among the items at its distance), not pessimistically.
-    """
-    x = torch.from_numpy(vectors)  # (M, A)
-    rng = np.random.default_rng(seed)
-    ranks = []
-    for start in range(0, len(x), m.QUERY_CHUNK):
-        block = x[start : start + m.QUERY_CHUNK]  # (B, A)
-        # No matrix-product shortcut: identical truths must be at distance exactly 0.
-        dist = torch.cdist(block, x, compute_mode="donot_use_mm_for_euclid_dist")  # (B, M)
-        own = dist[torch.arange(len(block)), start + torch.arange(len(block))][:, None]  # (B, 1)
-        better = (dist < own).sum(dim=1).numpy()  # (B,)
-        tied = (dist == own).sum(dim=1).numpy() - 1  # (B,) other items at the same distance
-        ranks.append(1 + better + rng.integers(0, tied + 1))
-    return torch.from_numpy(np.concatenate(ranks))
-
-
-def oracle(split: SplitFeatures, gallery: np.ndarray, retrieved: Mapping[str, dict], seed: int) -> dict | None:
-    """Recall of ranking by true attributes, and the model's recall as a fraction of it."""
-    found = oracle_vectors([split.attributes[i] for i in gallery])
+    truths, fc7 = training
+    found = oracle_columns([*truths, *(split.attributes[i] for i in gallery)])
     if found is None:
         return None
-    vectors, fields = found
-    recall = recall_with_ci(oracle_ranks(vectors, seed), ORACLE_KS, seed)
+    columns, fields = found
+    predicted = oracle_features(columns[: len(truths)], fc7, columns[len(truths) :])  # (M, D)
+    ranks = m.retrieval_ranks(torch.from_numpy(predicted).float(), split.v_f[gallery], metric="cosine")
+    recall = recall_with_ci(ranks, ORACLE_KS, seed)
     ratio = {
         label: {
             metric: {k: _ratio(result["items"][metric][k]["value"], recall[k]["value"]) for k in recall}
@@ -329,7 +336,8 @@ def oracle(split: SplitFeatures, gallery: np.ndarray, retrieved: Mapping[str, di
         }
         for label, result in retrieved.items()
     }
-    return {"fields": fields, "gallery_size": len(gallery), "recall": recall, "ratio": ratio}
+    return {"fields": fields, "gallery_size": len(gallery), "n_train": len(truths),
+            "recall": recall, "ratio": ratio}  # fmt: skip
 
 
 def _ratio(model: float, best: float) -> float | None:
@@ -385,19 +393,26 @@ class Evaluation:
     train_shards: Path | None
     decoder: Path | None = None
 
+    @cached_property
+    def training_faces(self) -> tuple[list[dict[str, Any]], np.ndarray] | None:
+        """(flat truths, fc7 (N_train, D)) of the training split, read once; None without one."""
+        train = self.train_shards
+        if train is None or not (train / schema.INDEX).is_file():
+            return None
+        from tqdm import tqdm
+
+        skipped: list[str] = []
+        records = list(tqdm(_samples(train, False, skipped), unit="clip", desc=f"read {train.name}"))
+        return [flat_attributes(r["meta"]) for r in records], np.stack([r["fc7"] for r in records])
+
 
 def probe_reader(evaluation: Evaluation) -> dict[str, Any]:
     """Reader (a): a linear probe per attribute, fitted on training faces' teacher features and
     applied to v_f (reference) and v_s (prediction) of the evaluated split."""
     train = evaluation.train_shards
-    if train is None or not (train / schema.INDEX).is_file():
+    if evaluation.training_faces is None:
         return {"skipped": f"no training split at {train}; pass --train-shards OUT/train"}
-    from tqdm import tqdm
-
-    skipped: list[str] = []
-    records = list(tqdm(_samples(train, False, skipped), unit="clip", desc=f"probe: read {train.name}"))
-    train_truth = [flat_attributes(r["meta"]) for r in records]
-    train_fc7 = np.stack([r["fc7"] for r in records])  # (N_train, D)
+    train_truth, train_fc7 = evaluation.training_faces  # fc7: (N_train, D)
     split = evaluation.split
     out: dict[str, Any] = {}
     for name in PROBE_ATTRIBUTES:
@@ -528,7 +543,7 @@ def compute_metrics(
         "attributes": {name: reader(evaluation) for name, reader in readers.items()},
         "groups": {label: groups(split, gallery, label, ranks[label]["cosine"], seed) for label in split.v_s},
     }
-    found = oracle(split, gallery, retrieved, seed)
+    found = oracle(evaluation, gallery, retrieved, seed)
     if found is not None:
         result["oracle"] = found
     return result, gallery

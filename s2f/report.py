@@ -192,7 +192,7 @@ def _recall_rows(result: Mapping[str, Any], ks: Sequence[int], chance_name: str)
 
 
 def _oracle_rows(oracle: Mapping[str, Any], label: str, ks: Sequence[int]) -> list[list[str]]:
-    rows = [["oracle (true attributes)", *[_value(oracle["recall"].get(f"recall@{k}")) for k in ks]]]
+    rows = [["oracle (voice truths)", *[_value(oracle["recall"].get(f"recall@{k}")) for k in ks]]]
     ratio = oracle["ratio"][label]
     return rows + [[f"{_e(metric)} / oracle (%)", *[_pct(ratio[metric].get(f"recall@{k}")) for k in ks]]
                    for metric in METRICS]
@@ -218,10 +218,10 @@ def retrieval(metrics: Mapping[str, Any]) -> str:
     ]
     if oracle:
         notes.append(
-            f"The oracle ranks the gallery by the true attributes ({_e(', '.join(oracle['fields']))}) of "
-            "the query's speaker against each face's, ties broken at random: the best a model can do from "
-            "what the voice carries in this world. Clips of one speaker share these attributes, so even "
-            "the oracle cannot tell them apart.")
+            f"The oracle predicts each query's face feature from its speaker's true voice-side traits "
+            f"({_e(', '.join(oracle['fields']))}) with a linear map fitted on {oracle['n_train']} training "
+            "faces, and ranks the gallery by cosine like the model: what a linear reading of those traits "
+            "retrieves. A model hears more than these traits and need not be linear, so it may exceed it.")
     return "".join(parts) + "".join(_note(n) for n in notes)
 
 

@@ -32,6 +32,7 @@ DIM, CLASSES, BINS = 16, 8, 16  # tiny model: 16-D features, 16 frequency bins
 CLIPS = 4  # clips per speaker
 SPLIT_SPEAKERS = {"train": 8, "test": 6}
 ORIGINS = ("north", "south", "east")
+LANGUAGES = ("en", "es", "cmn")  # spoken, one per origin
 GALLERY = 16  # of the 24 test clips: the gallery is a sample
 DURATIONS = (3.0, 6.0)
 TUPLES = 200
@@ -51,7 +52,8 @@ def _truth(rng: np.random.Generator, speaker: int) -> dict:
     """Demo-world-like ground truth: flat traits, face geometry under "appearance"."""
     return {
         "gender": ("female", "male")[speaker % 2], "age": int(rng.integers(18, 75)),
-        "origin": ORIGINS[speaker % len(ORIGINS)],
+        "origin": ORIGINS[speaker % len(ORIGINS)], "language": LANGUAGES[speaker % len(ORIGINS)],
+        "vocal_tract_length": float(rng.uniform(13.0, 18.0)), "f0_hz": float(rng.uniform(90.0, 250.0)),
         "appearance": {"face_width": float(rng.uniform(0.3, 0.7)), "jaw_width": float(rng.uniform(0.3, 0.7))},
     }
 
@@ -191,9 +193,10 @@ def test_matching_scores_the_saved_trials(first_run, features):
 
 
 @pytest.mark.slow
-def test_oracle_uses_every_voice_linked_truth(first_run):
+def test_oracle_uses_every_voice_side_truth(first_run):
     oracle = first_run["metrics"]["oracle"]
-    assert oracle["fields"] == ["gender", "origin", "age", "face_width", "jaw_width"]
+    assert oracle["fields"] == ["gender", "language", "age", "vocal_tract_length", "f0_hz"]
+    assert oracle["n_train"] == SPLIT_SPEAKERS["train"] * CLIPS
     retrieval = first_run["metrics"]["retrieval"]["6s"]["cosine"]
     for k in ("recall@1", "recall@5", "recall@10"):
         best = oracle["recall"][k]["value"]
@@ -201,13 +204,49 @@ def test_oracle_uses_every_voice_linked_truth(first_run):
         assert oracle["ratio"]["6s"]["cosine"][k] == pytest.approx(retrieval[k]["value"] / best)
 
 
-def test_oracle_ranks_break_ties_at_random():
-    # Items 0-2 share one truth, item 3 is far away: 3 ranks first, the others uniformly in 1..3.
-    vectors = np.array([[0.0, 0.0]] * 3 + [[5.0, 5.0]])
-    ranks = np.stack([ev.oracle_ranks(vectors, seed).numpy() for seed in range(300)])  # (S, 4)
-    assert (ranks[:, 3] == 1).all()
-    assert set(ranks[:, :3].ravel().tolist()) == {1, 2, 3}
-    assert abs(ranks[:, :3].mean() - 2.0) < 0.1
+def test_oracle_columns_one_hot_then_numbers_and_only_fields_known_everywhere():
+    truths = [{"gender": "male", "language": "en", "age": 30, "f0_hz": 110.0, "nationality": "UK"},
+              {"gender": "female", "language": "es", "age": 50, "f0_hz": 200.0},
+              {"gender": "male", "language": "en", "age": 40, "f0_hz": 120.0, "vocal_tract_length": 17.0}]
+    columns, fields = ev.oracle_columns(truths)
+    assert fields == ["gender", "language", "age", "f0_hz"]  # nationality and VTL are not known for all
+    # gender female/male, language en/es, age, f0_hz
+    expected = [[0, 1, 1, 0, 30, 110], [1, 0, 0, 1, 50, 200], [0, 1, 1, 0, 40, 120]]
+    np.testing.assert_array_equal(columns, expected)
+    assert ev.oracle_columns([{"origin": "north"}]) is None
+
+
+def test_oracle_features_recover_a_linear_map():
+    # Teacher features that are an exact linear function of the columns: the ridge map recovers
+    # them on new items to within its small shrinkage.
+    rng = np.random.default_rng(0)
+    x_train, x_new = rng.normal(size=(200, 3)), rng.normal(size=(20, 3))
+    weights, bias = rng.normal(size=(3, 8)), rng.normal(size=8)
+    predicted = ev.oracle_features(x_train, x_train @ weights + bias, x_new)
+    np.testing.assert_allclose(predicted, x_new @ weights + bias, rtol=0.01, atol=0.01)
+
+
+def test_oracle_retrieves_faces_that_follow_the_voice_truths():
+    # Faces whose features follow (age, F0) exactly: the oracle ranks every query's own face first.
+    rng = np.random.default_rng(1)
+    direction = rng.normal(size=(3, 6))
+
+    def truths(n):
+        ages, f0s = rng.integers(18, 80, n), rng.uniform(90, 250, n)
+        return [{"age": int(a), "f0_hz": float(f)} for a, f in zip(ages, f0s)]
+
+    def faces(items):  # (N, 6)
+        return np.array([[1.0, t["age"] / 80, t["f0_hz"] / 250] for t in items]) @ direction
+
+    train, test = truths(50), truths(12)
+    v_f = torch.tensor(faces(test), dtype=torch.float32)
+    split = ev.SplitFeatures(keys=[f"k{i}" for i in range(12)], speakers=np.arange(12).astype(str),
+                             v_f=v_f, v_s={}, attributes=test, skipped=[])
+    evaluation = ev.Evaluation(split, shards=None, train_shards=None)
+    evaluation.training_faces = (train, faces(train))  # the cached training split, given directly
+    found = ev.oracle(evaluation, np.arange(12), {}, seed=0)
+    assert found["fields"] == ["age", "f0_hz"] and found["n_train"] == 50
+    assert found["recall"]["recall@1"]["value"] == 1.0
 
 
 @pytest.mark.slow
