@@ -41,7 +41,7 @@ Approximations, and what could not be defined reliably:
   angles, lip protrusion): 68 frontal 2-D points carry none of them. Nasion and subnasale are
   dlib's 27 and 33, a little below and above the anthropometric points.
 
-`decode_images` runs the decoder; `find_landmarks` finds dlib's landmarks (HOG detector,
+`decode_faces` runs the decoder (images and the landmarks it drew); `find_landmarks` finds dlib's landmarks (HOG detector,
 68-point predictor) on an image, upsampled first by `upsample_for_dlib` when it is a small
 decoded face, and returns them in the decoder's normalised coordinates (s2f.decoder
 docstring), where a crop's pixel (x, y) is ((2x + 1) / W - 1, (2y + 1) / H - 1).
@@ -129,15 +129,17 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def decode_images(
+def decode_faces(
     decoder: torch.nn.Module, features: torch.Tensor | np.ndarray, batch_size: int = DECODE_BATCH
-) -> np.ndarray:
-    """Canonical faces (N, S, S, 3) RGB uint8 decoded from features (N, D), in batches."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Canonical faces decoded from features (N, D), in batches: RGB uint8 images (N, S, S, 3)
+    and the landmarks the decoder drew them with (N, 68, 2) float32, normalised coordinates."""
     features = torch.as_tensor(np.asarray(features), dtype=torch.float32)
     device = next(decoder.parameters()).device
-    return np.concatenate([
-        to_uint8(decoder(chunk.to(device))["image"]) for chunk in features.split(batch_size)
-    ])  # (N, S, S, 3)
+    outputs = [decoder(chunk.to(device)) for chunk in features.split(batch_size)]
+    images = np.concatenate([to_uint8(out["image"]) for out in outputs])  # (N, S, S, 3)
+    drawn = torch.cat([out["landmarks"].float().cpu() for out in outputs]).numpy()  # (N, 68, 2)
+    return images, drawn
 
 
 # -- measurements -----------------------------------------------------------------------------

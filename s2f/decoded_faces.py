@@ -17,6 +17,9 @@ whole gallery; ties count against the model, as in `s2f.metrics`).
 metrics.json "faces" (sorted keys; recalls are fractions, `{"value", "ci"}` a 95 % interval):
 - decoder, image_size, items; teacher (the spec that reads the faces) or retrieval_skipped.
 - f2f and s2f[dur], each: detection {detected, n, rate, ci (Wilson)} over all items;
+  drawn_vs_read: `craniofacial_table(drawn, read)`, per measurement r between the geometry the
+  decoder drew (its landmark output) and dlib's reading of the image: where r is low, a
+  measurement on decoded faces reflects the reader, not the decoder;
   retrieval and identity_retrieval (with a teacher): the evaluation's gallery, the decoded
   face's descriptor as query, the true features v_f as gallery; the layout of the top-level
   retrieval sections plus chance_ratio[metric][recall@k] = recall / chance;
@@ -41,7 +44,7 @@ from s2f.craniofacial import (
     TRUE_GEOMETRY,
     best_face,
     craniofacial_table,
-    decode_images,
+    decode_faces,
     landmarks_in_box,
     true_geometry_table,
     upsample_for_dlib,
@@ -58,7 +61,8 @@ class FaceReading:
     """Decoded faces and what dlib and the teacher found in them; row i is face i."""
 
     images: np.ndarray  # (N, S, S, 3) uint8 RGB, as decoded
-    landmarks: np.ndarray  # (N, 68, 2) normalised image coordinates, NaN where no face was found
+    drawn: np.ndarray  # (N, 68, 2) the landmarks the decoder drew each face with
+    landmarks: np.ndarray  # (N, 68, 2) dlib's reading, normalised coordinates, NaN where no face
     descriptors: np.ndarray | None  # (N, D) teacher features, NaN rows where no face; None: no teacher
 
     @property
@@ -81,8 +85,9 @@ def landmarks_and_crop(image: np.ndarray) -> tuple[np.ndarray, np.ndarray] | Non
     return landmarks_in_box(enlarged, box), align_face(enlarged, box)
 
 
-def read_decoded_faces(images: np.ndarray, teacher: Any | None = None) -> FaceReading:
-    """Landmarks of decoded faces (N, S, S, 3) and, with a teacher, their descriptors."""
+def read_decoded_faces(images: np.ndarray, drawn: np.ndarray, teacher: Any | None = None) -> FaceReading:
+    """dlib's landmarks of decoded faces (N, S, S, 3) drawn with landmarks `drawn` (N, 68, 2)
+    and, with a teacher, their descriptors."""
     from tqdm import tqdm
 
     n = len(images)
@@ -96,7 +101,7 @@ def read_decoded_faces(images: np.ndarray, teacher: Any | None = None) -> FaceRe
                 landmarks[i], crops[i] = found
         if descriptors is not None and crops:
             descriptors[list(crops)] = teacher.features(np.stack(list(crops.values())))  # (C, D)
-    return FaceReading(images, landmarks, descriptors)
+    return FaceReading(images, drawn, landmarks, descriptors)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -157,8 +162,12 @@ def true_geometry(attributes: list[dict]) -> dict[str, np.ndarray]:
 def face_set(
     reading: FaceReading, split: SplitFeatures, gallery: np.ndarray, geometry: dict, seed: int
 ) -> dict[str, Any]:
-    """Detection, retrieval (with a teacher) and true-geometry correlation of one face set."""
-    out: dict[str, Any] = {"detection": detection(reading.detected)}
+    """Detection, drawn-vs-read geometry, retrieval (with a teacher) and true-geometry
+    correlation of one face set."""
+    out: dict[str, Any] = {
+        "detection": detection(reading.detected),
+        "drawn_vs_read": craniofacial_table(reading.drawn, reading.landmarks, seed),
+    }
     if reading.descriptors is not None:
         out |= decoded_retrieval(reading, split, gallery, seed)
     if geometry:
@@ -214,7 +223,7 @@ class FaceStage:
 
     def read(self, features: torch.Tensor) -> FaceReading:
         """Decode features (N, D) and read the faces."""
-        return read_decoded_faces(decode_images(self.decoder, features), self.teacher)
+        return read_decoded_faces(*decode_faces(self.decoder, features), teacher=self.teacher)
 
     def evaluate(self, split: SplitFeatures, gallery: np.ndarray, seed: int) -> tuple[dict, dict[str, FaceReading]]:
         """metrics.json "faces" (module docstring) and the readings: F2F, then S2F per duration."""

@@ -450,7 +450,7 @@ def agegender_reader(evaluation: Evaluation) -> dict[str, Any]:
         return {"skipped": f"no AgeGenderNet weights in {DEFAULT_MODEL_DIR}; run `make faceapi`"}
     from PIL import Image
 
-    from s2f.craniofacial import decode_images
+    from s2f.craniofacial import decode_faces
     from s2f.decoder_training import load_decoder
 
     net, decoder, split = AgeGenderNet.load(), load_decoder(evaluation.decoder), evaluation.split
@@ -459,7 +459,7 @@ def agegender_reader(evaluation: Evaluation) -> dict[str, Any]:
     reference = dict(zip(("gender", "age_decade"), _read_age_gender(net, originals)))
     out: dict[str, Any] = {name: {"durations": {}} for name in reference}
     for label, v_s in split.v_s.items():
-        predicted = dict(zip(("gender", "age_decade"), _read_age_gender(net, decode_images(decoder, v_s))))
+        predicted = dict(zip(("gender", "age_decade"), _read_age_gender(net, decode_faces(decoder, v_s)[0])))
         for name in reference:
             truth = label_column(split.attributes, name)
             truth = truth.astype(str) if all(v is not None for v in truth) else None

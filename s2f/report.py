@@ -357,6 +357,9 @@ def decoded_faces(faces: Mapping[str, Any] | None, grid: Mapping[str, Any] | Non
     else:
         parts += [_decoded_retrieval_table(sets, "retrieval", "the clip's own true face"),
                   _decoded_retrieval_table(sets, "identity_retrieval", "any true face of the speaker")]
+    parts.append(_correlation_table(faces["f2f"]["drawn_vs_read"], "measurement",
+                                    "F2F: the geometry the decoder drew (its landmark output) vs dlib's "
+                                    "reading of the image; a low r means the measurement reads the reader"))
     for label, entry in faces["s2f"].items():
         parts.append(_correlation_table(entry["craniofacial"], "measurement",
                                         f"Craniofacial: F2F vs S2F {label}, Pearson r over clips with a face on both"))

@@ -49,9 +49,12 @@ def test_detection_counts_and_interval():
 
 def test_untrained_decoder_faces_are_counted_as_missed():
     decoder = FaceDecoder.from_preset("tiny").eval()  # untrained: dlib finds no face
-    images = cf.decode_images(decoder, torch.randn(3, 128))
+    features = torch.randn(3, 128)
+    images, drawn = cf.decode_faces(decoder, features, batch_size=2)
     assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
-    reading = dfc.read_decoded_faces(images, teacher=None)
+    with torch.no_grad():
+        np.testing.assert_allclose(drawn, decoder(features)["landmarks"].numpy(), atol=1e-6)  # batches in order
+    reading = dfc.read_decoded_faces(images, drawn, teacher=None)
     assert reading.landmarks.shape == (3, 68, 2) and reading.descriptors is None
     assert not reading.detected.any() and np.isnan(reading.landmarks).all()
     assert cf.upsample_for_dlib(images[0]).shape == (160, 160, 3)
@@ -60,15 +63,16 @@ def test_untrained_decoder_faces_are_counted_as_missed():
 class LookupDecoder(nn.Module):
     """Stands in for a trained decoder: the face stored for the nearest stored feature."""
 
-    def __init__(self, features: torch.Tensor, images: np.ndarray):
+    def __init__(self, features: torch.Tensor, images: np.ndarray, landmarks: np.ndarray):
         super().__init__()
         self.features = nn.Parameter(features, requires_grad=False)  # (N, D)
         pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # (N, 3, S, S)
         self.images = nn.Parameter(pixels, requires_grad=False)
+        self.landmarks = nn.Parameter(torch.from_numpy(landmarks), requires_grad=False)  # (N, 68, 2)
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         nearest = torch.cdist(features, self.features).argmin(dim=1)  # (B,)
-        return {"image": self.images[nearest]}
+        return {"image": self.images[nearest], "landmarks": self.landmarks[nearest]}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +86,8 @@ def rendered():
 
 
 def test_shrunk_faces_are_found_and_read_as_their_own(rendered):
-    reading = dfc.read_decoded_faces(rendered["small"], rendered["teacher"])
+    drawn = np.zeros((len(rendered["small"]), 68, 2), np.float32)
+    reading = dfc.read_decoded_faces(rendered["small"], drawn, rendered["teacher"])
     assert reading.detected.all()
     assert np.abs(reading.landmarks).max() < 1  # normalised coordinates, inside the image
     distance = np.linalg.norm(reading.descriptors[:, None] - rendered["v_f"].numpy()[None], axis=2)  # (6, 6)
@@ -100,7 +105,11 @@ def test_face_stage_on_faces_decoded_by_lookup(rendered):
         attributes=[{"nose_width": a.nose_width, "face_width": a.face_width, "age": 30} for a in APPEARANCES],
         skipped=[],
     )  # fmt: skip
-    stage = dfc.FaceStage(Path("lookup"), LookupDecoder(v_f, rendered["small"]), rendered["teacher"], "dlib", "dlib")
+    # the lookup decoder "draws" each face with dlib's own reading of it, shifted: drawn vs read
+    # must then pair each face's rows exactly (r = 1 for every measurement)
+    read = dfc.read_decoded_faces(rendered["small"], np.zeros((n, 68, 2), np.float32)).landmarks
+    lookup = LookupDecoder(v_f, rendered["small"], read + np.float32(0.01))
+    stage = dfc.FaceStage(Path("lookup"), lookup, rendered["teacher"], "dlib", "dlib")
     section, readings = stage.evaluate(split, np.arange(n), seed=0)
     assert set(readings) == {"f2f", "6s"}
     f2f, s2f = section["f2f"], section["s2f"]["6s"]
@@ -111,6 +120,10 @@ def test_face_stage_on_faces_decoded_by_lookup(rendered):
         assert f2f["retrieval"][metric]["recall@1"]["value"] == 1.0
         assert f2f["retrieval"]["chance_ratio"][metric]["recall@1"] == pytest.approx(n)
         assert s2f["retrieval"][metric]["recall@1"]["value"] == 0.0  # the next face is not one's own
+    for face_set in (f2f, s2f):
+        assert list(face_set["drawn_vs_read"]) == list(cf.MEASUREMENTS)
+        for name, row in face_set["drawn_vs_read"].items():
+            assert row["n"] == n and row["r"] == pytest.approx(1.0, abs=0.02), name
     assert list(s2f["craniofacial"]) == list(cf.MEASUREMENTS)
     assert all(row["n"] == n for row in s2f["craniofacial"].values())
     assert set(f2f["true_geometry"]) == {"nose_width ~ nose_width", "face_width ~ face_width"}

@@ -446,6 +446,8 @@ def test_faces_section_counts_every_decoded_face(decoder_run):
         # ground-truth face_width and jaw_width travel in "appearance"
         assert set(entry["true_geometry"]) == {"face_width ~ face_width", "jaw_width ~ jaw_width"}
         assert all(row["n"] <= detection["detected"] for row in entry["true_geometry"].values())
+        assert list(entry["drawn_vs_read"]) == list(MEASUREMENTS)
+        assert all(row["n"] <= detection["detected"] for row in entry["drawn_vs_read"].values())
     for entry in faces["s2f"].values():
         assert list(entry["craniofacial"]) == list(MEASUREMENTS)
 
@@ -466,6 +468,7 @@ def test_report_shows_decoded_face_grids_and_tables(decoder_run):
         assert f"Craniofacial: F2F vs S2F {label}" in section
     assert all(f"<td>{name}</td>" in section for name in MEASUREMENTS)
     assert "True face geometry vs measurements on F2F" in section
+    assert "F2F: the geometry the decoder drew" in section
     assert "Retrieval of decoded faces not run" in section
 
 
