@@ -41,9 +41,9 @@ Approximations, and what could not be defined reliably:
   angles, lip protrusion): 68 frontal 2-D points carry none of them. Nasion and subnasale are
   dlib's 27 and 33, a little below and above the anthropometric points.
 
-`decode_faces` runs the decoder (images and the landmarks it drew); `find_landmarks` finds dlib's landmarks (HOG detector,
-68-point predictor) on an image, upsampled first by `upsample_for_dlib` when it is a small
-decoded face, and returns them in the decoder's normalised coordinates (s2f.decoder
+`decode_faces` runs the decoder (images and the landmarks it drew); `find_landmarks` finds
+dlib's landmarks (HOG detector, 68-point predictor) on an image, upsampled first by
+`upsample_for_dlib` when it is a small decoded face, and returns them in the decoder's normalised coordinates (s2f.decoder
 docstring), where a crop's pixel (x, y) is ((2x + 1) / W - 1, (2y + 1) / H - 1).
 `s2f.decoded_faces` reads the faces decoded in `s2f evaluate --decoder` with these.
 """

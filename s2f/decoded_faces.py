@@ -24,7 +24,8 @@ metrics.json "faces" (sorted keys; recalls are fractions, `{"value", "ci"}` a 95
   face's descriptor as query, the true features v_f as gallery; the layout of the top-level
   retrieval sections plus chance_ratio[metric][recall@k] = recall / chance;
   true_geometry (when the samples carry the demo world's face geometry): per
-  "<field> ~ <measurement>", craniofacial._correlate's {r, p, n, baseline}.
+  "<field> ~ <measurement>", craniofacial._correlate's {r, p, n, baseline}, on dlib's reading;
+  true_geometry_drawn: the same on the landmarks the decoder drew.
 - s2f[dur].craniofacial: `craniofacial_table(F2F landmarks, S2F landmarks)` over all items.
 """
 
@@ -172,6 +173,7 @@ def face_set(
         out |= decoded_retrieval(reading, split, gallery, seed)
     if geometry:
         out["true_geometry"] = true_geometry_table(reading.landmarks, geometry, seed)
+        out["true_geometry_drawn"] = true_geometry_table(reading.drawn, geometry, seed)
     return out
 
 

@@ -447,6 +447,8 @@ def test_faces_section_counts_every_decoded_face(decoder_run):
         assert set(entry["true_geometry"]) == {"face_width ~ face_width", "jaw_width ~ jaw_width"}
         assert all(row["n"] <= detection["detected"] for row in entry["true_geometry"].values())
         assert list(entry["drawn_vs_read"]) == list(MEASUREMENTS)
+        assert set(entry["true_geometry_drawn"]) == set(entry["true_geometry"])
+        assert all(row["n"] == items for row in entry["true_geometry_drawn"].values())  # drawn for all
         assert all(row["n"] <= detection["detected"] for row in entry["drawn_vs_read"].values())
     for entry in faces["s2f"].values():
         assert list(entry["craniofacial"]) == list(MEASUREMENTS)
@@ -469,6 +471,7 @@ def test_report_shows_decoded_face_grids_and_tables(decoder_run):
     assert all(f"<td>{name}</td>" in section for name in MEASUREMENTS)
     assert "True face geometry vs measurements on F2F" in section
     assert "F2F: the geometry the decoder drew" in section
+    assert "True face geometry vs measurements on the landmarks the decoder drew F2F with" in section
     assert "Retrieval of decoded faces not run" in section
 
 
