@@ -10,6 +10,7 @@ import pytest
 
 from s2f.demo.identity import (
     AGE_RANGE,
+    EYE_COLORS,
     ORIGIN_LANGUAGE,
     ORIGINS,
     TIMBRES,
@@ -112,6 +113,13 @@ def test_voice_links_hold_in_the_population(population: list[Identity]):
     eyes = {o: _column([i for i in population if i.origin == o],
                        lambda i: i.appearance["eye_height"]).mean() for o in ORIGINS}
     assert max(eyes.values()) - eyes["east_asian"] > 0.25 and eyes["east_asian"] == min(eyes.values())
+    # Light eyes (nearest palette colour green, blue or grey) are mostly north European.
+    def light(rgb) -> bool:
+        return int(np.argmin(np.linalg.norm(np.subtract(EYE_COLORS, rgb), axis=1))) >= 3
+    light_eyes = {o: np.mean([light(i.appearance["eye_color"]) for i in population if i.origin == o])
+                  for o in ORIGINS}
+    assert light_eyes["north_european"] > 0.5 > 0.2 > light_eyes["south_european"]
+    assert light_eyes["east_african"] == light_eyes["east_asian"] == 0.0
     assert any(i.appearance["beard"] > 0 for i in males)
     assert any(i.appearance["beard"] == 0 for i in males)
     # Looks that read as gender: long hair, makeup, thinner brows for women.

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +121,28 @@ def test_resume_keeps_finished_clips_and_remakes_missing_ones(world: Path, tmp_p
     assert {path: path.stat().st_mtime_ns for path in kept} == kept
     assert missing.read_bytes() == original
     assert (copy / MANIFEST).read_bytes() == (world / MANIFEST).read_bytes()
+
+
+def test_a_script_started_by_path_is_imported_once_not_per_identity(tmp_path: Path):
+    # Console scripts (`s2f`) run by path; multiprocessing re-runs such a script in every child,
+    # so its imports (Lightning, for `s2f`) must already sit in the fork server.
+    log = tmp_path / "imports.log"
+    (tmp_path / "heavy_module.py").write_text(
+        f"import os\nwith open({str(log)!r}, 'a') as f:\n    f.write(f'{{os.getpid()}}\\n')\n"
+        "def helper():\n    return 0\n"
+    )
+    script = tmp_path / "make_world"  # no .py: started by path, like a console script
+    script.write_text(
+        "import sys\nfrom heavy_module import helper\n"
+        "from s2f.demo.world import WorldConfig, generate_world\n"
+        "if __name__ == '__main__':\n"
+        "    generate_world(WorldConfig(identities=3, clips_per_identity=1, workers=1), sys.argv[1])\n"
+    )
+    # cwd: the fork server (python -c) finds modules on the working directory, not the script's
+    subprocess.run([sys.executable, str(script), "world"], cwd=tmp_path, check=True, capture_output=True)
+    assert len(_clips(tmp_path / "world")) == 3
+    importers = log.read_text().split()
+    assert len(importers) == len(set(importers)) == 2  # the script's process and the fork server
 
 
 def test_aac_clips_hold_the_same_speech(world: Path, tmp_path: Path):

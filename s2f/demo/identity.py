@@ -30,7 +30,7 @@ sex = +1 for males, -1 for females; N(m, s) normal; U(a, b) uniform; clip to the
 | brow_thickness      | N(0.5 + 0.15 sex, 0.10)                              | gender             |
 | lip_thickness       | N(0.5, 0.15)                                         | idiosyncratic      |
 | eye_spacing         | N(0.5, 0.10)                                         | idiosyncratic      |
-| eye_color (RGB)     | EYE_COLORS uniform, jitter 0.03                      | idiosyncratic      |
+| eye_color (RGB)     | ORIGIN_EYES[origin] over EYE_COLORS, jitter 0.03     | origin             |
 | vocal_tract_length  | VTL_CM[gender] + 1.8 cm (face_width + jaw_width - 1) | gender, face, age  |
 | (cm)                | + 0.008 cm/yr (age - 18) + N(0, 0.35)                |                    |
 | f0_hz               | F0_HZ[gender] - F0_SLOPE[gender] (age - 18), times   | gender, age        |
@@ -108,6 +108,13 @@ EYE_COLORS = (
     (0.30, 0.45, 0.65),  # blue
     (0.45, 0.50, 0.55),  # grey
 )
+ORIGIN_EYES = {  # probabilities over EYE_COLORS: light eyes are mostly north European
+    "north_european": (0.05, 0.10, 0.15, 0.15, 0.40, 0.15),
+    "south_european": (0.35, 0.35, 0.15, 0.08, 0.05, 0.02),
+    "south_asian": (0.75, 0.20, 0.05, 0.0, 0.0, 0.0),
+    "east_asian": (0.85, 0.15, 0.0, 0.0, 0.0, 0.0),
+    "east_african": (0.90, 0.10, 0.0, 0.0, 0.0, 0.0),
+}
 COLOR_JITTER = 0.03  # std of per-channel colour noise
 N_HAIR_STYLES = 5  # render.FaceAppearance.hair_style 0..4
 HAIR_STYLES = {  # per gender: probabilities of styles 0 shaved, 1 short, 2 medium, 3 long, 4 curly
@@ -146,8 +153,10 @@ FLOAT_DIGITS = 4
 YAW_STD_DEG, YAW_MAX_DEG = 12.0, 30.0
 PITCH_STD_DEG, PITCH_MAX_DEG = 7.0, 20.0
 ROLL_STD_DEG, ROLL_MAX_DEG = 4.0, 12.0
-LIGHT_AZIMUTH_DEG = (-60.0, 60.0)
-LIGHT_ELEVATION_DEG = (0.0, 60.0)
+# Key light within 40 deg of the camera, from above, as in most talking-head videos; with side
+# light up to 60 deg the clip, not the person, made more of the face descriptor's variance.
+LIGHT_AZIMUTH_DEG = (-40.0, 40.0)
+LIGHT_ELEVATION_DEG = (5.0, 45.0)
 LIGHT_INTENSITY = (0.7, 1.2)
 P_TEXTURED_BACKGROUND = 0.5  # else a flat colour
 SCALE_RANGE = (0.45, 0.65)  # head height / frame height
@@ -200,7 +209,7 @@ def sample_appearance(
         "lip_thickness": _unit(rng.normal(0.5, 0.15)),
         "eye_spacing": _unit(rng.normal(0.5, 0.10)),
         "hair_style": int(rng.choice(N_HAIR_STYLES, p=HAIR_STYLES[gender])),
-        "eye_color": _color(np.array(EYE_COLORS[rng.integers(len(EYE_COLORS))])
+        "eye_color": _color(np.array(EYE_COLORS[rng.choice(len(EYE_COLORS), p=ORIGIN_EYES[origin])])
                             + rng.normal(0.0, COLOR_JITTER, 3)),
         "makeup": _unit(rng.uniform(0.4, 1.0)) if wears_makeup else 0.0,
         "brow_thickness": _unit(rng.normal(0.5 + 0.15 * sex, 0.10)),

@@ -34,8 +34,10 @@ import json
 import math
 import multiprocessing
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 from tqdm import tqdm
@@ -57,7 +59,7 @@ FRAME_SIZE = (224, 224)  # (H, W)
 FPS = 1.0  # frames per second of the held frame: ~20 ms CPU of H.264 per 6 s clip (2 fps: 40)
 AUDIO_CODEC = "flac"  # ~11 ms CPU per 6 s clip, exact; "aac" ~66 ms, lossy
 # Imported once by the fork server so each identity's process starts warm (import-only: none of
-# them touches espeak-ng's synthesis state).
+# them touches espeak-ng's synthesis state). See also `_main_script_modules`.
 PRELOAD = ("s2f.demo.world", "parselmouth", "scipy.signal", "av")
 
 
@@ -200,6 +202,26 @@ def _run_job(job: _Job) -> int:
     return len(job.missing)
 
 
+def _main_script_modules() -> list[str]:
+    """Modules the caller's main script imports from, when it was started by path.
+
+    Every child re-runs such a script (multiprocessing's fix-up of __main__; Python 3.11's fork
+    server never preloads it), so each identity's process paid for the script's imports: ~2 s
+    for the `s2f` console script, which imports Lightning, 7x the identity's own work. Imported
+    once by the fork server instead (Python 3.11's server searches the working directory and
+    site-packages, not the script's folder). A script run with -m is imported by name, not re-run.
+    """
+    main = sys.modules.get("__main__")
+    if main is None or getattr(main, "__spec__", None) is not None:
+        return []
+    names = {
+        value.__name__ if isinstance(value, ModuleType) else getattr(value, "__module__", None)
+        for key, value in vars(main).items()
+        if not key.startswith("__")  # the script's own dunders (__loader__, __builtins__)
+    }
+    return sorted(name for name in names if isinstance(name, str) and name != "builtins")
+
+
 def _fork_server() -> multiprocessing.context.BaseContext:
     """A fork-server context: children fork from a process that never synthesised speech."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
@@ -208,7 +230,7 @@ def _fork_server() -> multiprocessing.context.BaseContext:
             "(POSIX systems have it); run it on Linux or macOS"
         )
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(list(PRELOAD))
+    context.set_forkserver_preload([*PRELOAD, *_main_script_modules()])
     return context
 
 
