@@ -43,8 +43,9 @@ Approximations, and what could not be defined reliably:
 
 `decode_faces` runs the decoder (images and the landmarks it drew); `find_landmarks` finds
 dlib's landmarks (HOG detector, 68-point predictor) on an image, upsampled first by
-`upsample_for_dlib` when it is a small decoded face, and returns them in the decoder's normalised coordinates (s2f.decoder
-docstring), where a crop's pixel (x, y) is ((2x + 1) / W - 1, (2y + 1) / H - 1).
+`upsample_for_dlib` when it is a small decoded face, and returns them in the decoder's
+normalised coordinates (s2f.decoder docstring), where a crop's pixel (x, y) is
+((2x + 1) / W - 1, (2y + 1) / H - 1).
 `s2f.decoded_faces` reads the faces decoded in `s2f evaluate --decoder` with these.
 """
 
