@@ -1,8 +1,10 @@
 """Face shards -> decoder training batches: aligned face, its landmarks, texture and feature.
 
 The decoder (SPEC section 6) learns feature -> (landmarks, texture in the mean geometry). Its
-targets come from the shards the voice model uses (`face.jpg`, the aligned 224 x 224 crop, and
-`fc7.npy`, the teacher feature of that crop), plus dlib's 68 landmarks of each crop:
+input is a sample's `fc7.npy` (the teacher feature of the clip's face crop); its target face is
+the sample's `portrait.jpg` when the source gave one (the speaker frontal, neutral and evenly
+lit, as the SPEC trains the decoder), else its `face.jpg` (the clip's aligned 224 x 224 crop in
+whatever pose and light the clip has). Targets also need dlib's 68 landmarks of each target face:
 
 - `landmark_pass(root)` finds them once per split (`prepare_data`) and writes
   `root/<split>/landmarks68.npz`: `keys` (N,), `landmarks` (N, 68, 2) in the decoder's
@@ -65,13 +67,16 @@ def _is_current(path: Path, shards: list[str]) -> bool:
         return table["shards"].tolist() == shards
 
 
-def _decode_jpeg(key: str, data: bytes) -> np.ndarray:
+def target_face(raw: dict) -> np.ndarray:
+    """The face the decoder learns to draw for a raw sample: (H, W, 3) uint8 RGB, writable."""
     from PIL import Image
 
+    member = schema.PORTRAIT if schema.PORTRAIT in raw else schema.FACE
+    data = raw[member]  # KeyError when the sample has no face: callers log and skip it
     try:
-        return np.array(Image.open(io.BytesIO(data)).convert("RGB"))  # (H, W, 3) uint8, writable
+        return np.array(Image.open(io.BytesIO(data)).convert("RGB"))
     except Exception as error:
-        raise schema.BadSample(key, f"{schema.FACE} does not decode ({error})") from error
+        raise schema.BadSample(raw["__key__"], f"{member} does not decode ({error})") from error
 
 
 def _raw_faces(folder: Path) -> wds.WebDataset:
@@ -86,7 +91,7 @@ def _landmark_split(folder: Path) -> dict[str, np.ndarray]:
     for raw in tqdm(_raw_faces(folder), total=total, desc=f"landmarks {folder.name}", unit="face"):
         key = raw["__key__"]
         try:
-            found = find_landmarks(_decode_jpeg(key, raw[schema.FACE]), CROP_UPSAMPLE)
+            found = find_landmarks(target_face(raw), CROP_UPSAMPLE)
         except (KeyError, schema.BadSample) as error:
             log.warning("landmark pass: skipping %s in %s: %s", key, folder, error)
             found = None
@@ -178,7 +183,7 @@ class FaceSample:
         if points is None:  # dlib found no face on this crop: recorded by the landmark pass
             return None
         try:
-            face = _decode_jpeg(key, raw[schema.FACE])
+            face = target_face(raw)
             fc7 = schema.decode_fc7(key, raw[schema.FC7])
         except KeyError as error:
             log.warning("skipping %s: missing member %s", key, error)

@@ -264,12 +264,14 @@ def png_bytes(image: np.ndarray) -> bytes:
 def face_grid(
     split: SplitFeatures, readings: dict[str, FaceReading], shards: Path, duration: str, seed: int
 ) -> dict[str, Any]:
-    """Rows (true face.jpg | F2F | S2F of `duration`) for a seeded sample of GRID_FACES clips."""
+    """Rows (true face.jpg | portrait.jpg when the shards have one | F2F | S2F of `duration`)
+    for a seeded sample of GRID_FACES clips."""
     rows = m.sample_gallery(len(split.keys), GRID_FACES, seed)
     jpegs = read_faces(shards, [split.keys[i] for i in rows])
+    portraits = read_faces(shards, [split.keys[i] for i in rows], schema.PORTRAIT)
     f2f, s2f = readings[F2F], readings[duration]
     return {"duration": duration, "rows": [
-        {"key": split.keys[i], "true": jpegs.get(split.keys[i]),
+        {"key": split.keys[i], "true": jpegs.get(split.keys[i]), "portrait": portraits.get(split.keys[i]),
          "f2f": png_bytes(f2f.images[i]), "f2f_detected": bool(f2f.detected[i]),
          "s2f": png_bytes(s2f.images[i]), "s2f_detected": bool(s2f.detected[i])}
         for i in rows

@@ -148,15 +148,15 @@ def _chunks(items: Iterator[dict], size: int) -> Iterator[list[dict]]:
         yield chunk
 
 
-def read_faces(folder: str | Path, keys: Sequence[str]) -> dict[str, bytes]:
-    """face.jpg bytes of the samples named in `keys` (those that have one), read from a split."""
+def read_faces(folder: str | Path, keys: Sequence[str], member: str = schema.FACE) -> dict[str, bytes]:
+    """`member` (face.jpg) bytes of the samples named in `keys` that have one, read from a split."""
     folder, wanted = Path(folder), set(keys)
     index = schema.SplitIndex.read(folder)
     faces: dict[str, bytes] = {}
     for shard in index.shards:
         for raw in read_shard(str(folder / shard["name"]), shard["samples"], Tally()):
-            if raw["__key__"] in wanted and schema.FACE in raw:
-                faces[raw["__key__"]] = raw[schema.FACE]
+            if raw["__key__"] in wanted and member in raw:
+                faces[raw["__key__"]] = raw[member]
         if len(faces) == len(wanted):
             break  # the rest of the split holds nothing we need
     return faces

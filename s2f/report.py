@@ -10,7 +10,8 @@ summary, similarity, retrieval, identity, matching, attributes, groups, grids, f
   the true face and the rest the retrieved ones, best first;
 - embedding: {duration, v_s (P, D), labels: {attribute: (P,) labels, None where unknown}};
 - faces (with a decoder, `s2f.decoded_faces.face_grid`): {duration, rows: [{key, true (face.jpg
-  bytes or None), f2f, s2f (PNG bytes), f2f_detected, s2f_detected}]}.
+  bytes or None), portrait (portrait.jpg bytes or None), f2f, s2f (PNG bytes), f2f_detected,
+  s2f_detected}]}.
 """
 
 from __future__ import annotations
@@ -414,21 +415,31 @@ def _correlation_table(table: Mapping[str, Mapping[str, Any]], first: str, capti
     return _table([first, "r", "p", "n", "random-pair r", "permutation p"], rows, caption)
 
 
+def _face_row(row: Mapping[str, Any], portraits: bool) -> list[str]:
+    key = row["key"]
+    cells = [_picture(row["true"], "image/jpeg", key) + "<br>true face"]
+    if portraits:
+        cells.append(_picture(row.get("portrait"), "image/jpeg", key, "portrait.jpg") + "<br>portrait")
+    cells.append(_picture(row["f2f"], "image/png", key) + f"<br>F2F{_missed(row['f2f_detected'])}")
+    cells.append(_picture(row["s2f"], "image/png", key) + f"<br>S2F{_missed(row['s2f_detected'])}")
+    return cells
+
+
 def _face_grid(grid: Mapping[str, Any] | None) -> str:
     if grid is None:
         return ""
-    rows = [[_picture(row["true"], "image/jpeg", row["key"]) + "<br>true face",
-             _picture(row["f2f"], "image/png", row["key"]) + f"<br>F2F{_missed(row['f2f_detected'])}",
-             _picture(row["s2f"], "image/png", row["key"]) + f"<br>S2F{_missed(row['s2f_detected'])}"]
-            for row in grid["rows"]]
-    note = (f"A seeded sample of test clips: the shard's face crop, F2F, and S2F from {grid['duration']} "
-            "of audio. \"no face\" marks a decoded face dlib does not detect.")
-    return f'<div class="faces">{_table(["true face", "F2F", "S2F"], rows)}</div>' + _note(note)
+    portraits = any(row.get("portrait") is not None for row in grid["rows"])
+    rows = [_face_row(row, portraits) for row in grid["rows"]]
+    shown = "the shard's face crop, the speaker's portrait" if portraits else "the shard's face crop"
+    note = (f"A seeded sample of test clips: {shown}, F2F, and S2F from {grid['duration']} of audio. "
+            "\"no face\" marks a decoded face dlib does not detect.")
+    head = ["true face", *(["portrait"] if portraits else []), "F2F", "S2F"]
+    return f'<div class="faces">{_table(head, rows)}</div>' + _note(note)
 
 
-def _picture(data: bytes | None, mime: str, key: str) -> str:
+def _picture(data: bytes | None, mime: str, key: str, member: str = "face.jpg") -> str:
     if data is None:
-        return f"{_e(key)}<br>(no face.jpg)"
+        return f"{_e(key)}<br>(no {member})"
     return f'<img src="{_data_uri(data, mime)}" alt="{_e(key)}" title="{_e(key)}">'
 
 

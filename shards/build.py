@@ -2,7 +2,9 @@
 
 Per item (in a worker process): decode the segment's audio and one frame with PyAV, fit the
 audio to 6 s at 16 kHz (loop a short clip; reject one under `min_audio_seconds`), detect the
-speaker's face, align it to 224 x 224, compute the teacher feature and encode the sample.
+speaker's face, align it to 224 x 224, compute the teacher feature, align the speaker's
+portrait when the source gives one (`portrait.jpg`, the face decoder's target) and encode the
+sample.
 The main process writes samples in item order into per-split shards.
 
 Safety: a shard is written under a hidden temporary name and renamed when complete, so only
@@ -15,6 +17,7 @@ goes on. `OUT/build.json` records the build settings; a re-run with other settin
 from __future__ import annotations
 
 import fcntl
+import functools
 import io
 import json
 import logging
@@ -174,23 +177,23 @@ def _decode(path: Path, item: SourceItem, config: BuildConfig) -> tuple[np.ndarr
     return fit_duration(wave).numpy(), frame, seconds
 
 
-def _detect(frame: np.ndarray, item: SourceItem, detector: str):
+def _detect(frame: np.ndarray, center_xy: tuple[float, float] | None, detector: str):
     """Detect at the frame's own scale first; only a miss pays for the 2x upsampled search."""
     from s2f.faces import NoFaceError, extract_face
 
     try:
-        return extract_face(frame, detector, item.center_xy, upsample=0)
+        return extract_face(frame, detector, center_xy, upsample=0)
     except NoFaceError as error:
         if detector == "mtcnn":  # its pyramid already reaches small faces
             raise ItemFailed("face", str(error)) from error
     try:
-        return extract_face(frame, detector, item.center_xy, upsample=1)
+        return extract_face(frame, detector, center_xy, upsample=1)
     except NoFaceError as error:
         raise ItemFailed("face", str(error)) from error
 
 
 def _face(frame: np.ndarray, item: SourceItem, config: BuildConfig):
-    face = _detect(frame, item, config.detector)
+    face = _detect(frame, item.center_xy, config.detector)
     if item.center_xy is not None:
         h, w = frame.shape[:2]
         dx, dy = face.box.centre[0] - item.center_xy[0] * w, face.box.centre[1] - item.center_xy[1] * h
@@ -199,6 +202,22 @@ def _face(frame: np.ndarray, item: SourceItem, config: BuildConfig):
             raise ItemFailed("face", f"nearest face is {distance:.2f} frame diagonals from the "
                                      f"speaker's (x, y) {item.center_xy}; the speaker is not in view")
     return face
+
+
+@functools.lru_cache(maxsize=4)
+def _portrait_jpg(path: Path, detector: str) -> bytes:
+    """The aligned crop of a speaker's portrait, as face.jpg is cut; cached: a speaker's clips
+    come one after another and share it."""
+    from PIL import Image
+
+    try:
+        image = np.asarray(Image.open(path).convert("RGB"))
+    except Exception as error:
+        raise ItemFailed("portrait", f"{path}: unreadable portrait ({error})") from error
+    try:
+        return _jpeg(_detect(image, None, detector).crop)
+    except ItemFailed as error:
+        raise ItemFailed("portrait", f"{path}: {error.reason}") from error
 
 
 def _jpeg(crop: np.ndarray) -> bytes:
@@ -243,6 +262,10 @@ def make_sample(item: SourceItem, config: BuildConfig, clock: StageClock) -> dic
     clock.lap("face")
     fc7, teacher_name = _teacher_feature(face.crop, config.teacher)
     clock.lap("teacher")
+    portrait = None
+    if item.portrait is not None:
+        portrait = _portrait_jpg(item.portrait, config.detector)
+        clock.lap("portrait")
     meta = {
         **item.meta, "key": item.key, "speaker": item.speaker, "start": item.start, "end": item.end,
         "audio_seconds": round(seconds, 3), "face_box": [round(v, 1) for v in
@@ -251,7 +274,8 @@ def make_sample(item: SourceItem, config: BuildConfig, clock: StageClock) -> dic
     }  # fmt: skip
     payload = {"wave": wave} if config.payload == "audio" else {
         "spec": spectrogram(torch.from_numpy(wave)).numpy()}  # fmt: skip
-    sample = encode_sample(item.key, fc7, meta, face_jpg=_jpeg(face.crop), **payload)
+    sample = encode_sample(item.key, fc7, meta, face_jpg=_jpeg(face.crop), portrait_jpg=portrait,
+                           **payload)
     clock.lap("encode")
     return sample
 

@@ -2,13 +2,15 @@
 
 A sample in a WebDataset tar shard has the key `<source>/<speaker>/<clip>` and these members:
 
-| member     | content                                                          |
-|------------|------------------------------------------------------------------|
-| `wav.flac` | 16 kHz mono, exactly 6 s (96,000 samples) after looping (default)|
-| `spec.npy` | float16 (2, 598, 257) compressed spectrogram (`--payload spectrogram`) |
-| `fc7.npy`  | teacher feature (D,), float16 or float32                         |
-| `face.jpg` | the aligned 224 x 224 face crop the feature was computed from     |
-| `json`     | source, speaker, video, segment times, face box, teacher, attributes |
+| member         | content                                                                |
+|----------------|------------------------------------------------------------------------|
+| `wav.flac`     | 16 kHz mono, exactly 6 s (96,000 samples) after looping (default)      |
+| `spec.npy`     | float16 (2, 598, 257) compressed spectrogram (`--payload spectrogram`) |
+| `fc7.npy`      | teacher feature (D,), float16 or float32                               |
+| `face.jpg`     | the aligned 224 x 224 face crop the feature was computed from          |
+| `portrait.jpg` | optional: the speaker's frontal, neutral face, aligned as `face.jpg`,  |
+|                | when the source has one (the demo world): the face decoder's target    |
+| `json`         | source, speaker, video, segment times, face box, teacher, attributes   |
 
 Per split folder: `shard-%06d.tar` (or `shard-<part>-%06d.tar` for array builds),
 `index.json` (`SplitIndex`) and `failures.jsonl` (one `{"item", "stage", "reason"}` per line).
@@ -35,6 +37,7 @@ FACE_SIZE = 224  # pixels
 BUILDER_VERSION = 1
 
 WAV, SPEC, FC7, FACE, META = "wav.flac", "spec.npy", "fc7.npy", "face.jpg", "json"
+PORTRAIT = "portrait.jpg"
 PAYLOADS = {"audio": WAV, "spectrogram": SPEC}
 SPLITS = ("train", "val", "test")
 INDEX, FAILURES, TEACHER_HEAD = "index.json", "failures.jsonl", "teacher_head.pt"
@@ -96,6 +99,7 @@ def flac_bytes(wave: np.ndarray) -> bytes:
 def encode_sample(
     key: str, fc7: np.ndarray, meta: dict, face_jpg: bytes | None = None,
     wave: np.ndarray | None = None, spec: np.ndarray | None = None,
+    portrait_jpg: bytes | None = None,
 ) -> dict:
     """The WebDataset dict of one sample (members as bytes)."""
     if wave is None and spec is None:
@@ -107,6 +111,8 @@ def encode_sample(
         sample[SPEC] = npy_bytes(np.asarray(spec, SPEC_DTYPE))
     if face_jpg is not None:
         sample[FACE] = face_jpg
+    if portrait_jpg is not None:
+        sample[PORTRAIT] = portrait_jpg
     return sample
 
 

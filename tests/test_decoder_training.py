@@ -14,7 +14,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger
 
 from datamodules.bench import write_split
-from datamodules.faces import LANDMARKS_FILE, FaceShardDataModule, landmark_pass
+from datamodules.faces import LANDMARKS_FILE, FaceSample, FaceShardDataModule, landmark_pass, target_face
 from s2f.decoder_training import PREVIEW_DIR, FaceDecoderModule, load_decoder
 from s2f.demo.render import ClipVariation, FaceAppearance, render_face
 from s2f.faces import align_face, detect_faces
@@ -130,6 +130,22 @@ def test_batches_hold_targets_in_the_mean_geometry(shards):
     assert data.mean_landmarks.shape == (68, 2)
     val = list(data.val_dataloader())
     assert sum(len(b["key"]) for b in val) <= VAL_IDENTITIES * FACES_PER_IDENTITY
+
+
+def test_the_target_face_is_the_portrait_when_the_sample_has_one():
+    posed, portrait = _crop(0, 0), _crop(1, 3)  # (224, 224, 3) each, of different people
+    raw = {"__key__": "faces/id000/clip0", schema.FACE: _jpeg(posed),
+           schema.FC7: schema.npy_bytes(np.ones(128, np.float32))}  # fmt: skip
+    np.testing.assert_array_equal(target_face(raw), np.asarray(Image.open(io.BytesIO(raw[schema.FACE]))))
+    raw[schema.PORTRAIT] = _jpeg(portrait)
+    decoded_portrait = np.asarray(Image.open(io.BytesIO(raw[schema.PORTRAIT])))
+    np.testing.assert_array_equal(target_face(raw), decoded_portrait)
+    points = np.zeros((68, 2), np.float32)
+    sample = FaceSample({raw["__key__"]: points}, points, 224)(raw)  # target image at full size
+    np.testing.assert_allclose(sample["image"].permute(1, 2, 0).numpy() * 255, decoded_portrait, atol=1.0)
+    raw[schema.PORTRAIT] = b"not a jpeg"
+    with pytest.raises(schema.BadSample, match="portrait.jpg does not decode"):
+        target_face(raw)
 
 
 def test_unknown_teacher_and_wrong_image_size_are_refused(shards):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 
 from s2f.audio import SAMPLE_RATE
 from s2f.demo.identity import clip_variation, generate_identities, read_manifest
+from s2f.demo.render import FaceAppearance, render_canonical
 from s2f.demo.voices import MIN_CLIP_FRACTION, make_voice_clip
 from s2f.demo.world import (
     IDENTITIES,
@@ -21,6 +23,7 @@ from s2f.demo.world import (
     WorldConfig,
     generate_world,
     hold_frames,
+    portrait_path,
     read_world_manifest,
     render_clip_frame,
 )
@@ -95,11 +98,71 @@ def test_clips_decode_with_the_full_utterance_and_the_rendered_face(world: Path)
     assert np.abs(frame.astype(float) - rendered).mean() < H264_MEAN_ERROR
 
 
+def test_each_speaker_has_a_canonical_portrait(world: Path):
+    from PIL import Image
+
+    identities = generate_identities(SMALL.identities, SMALL.seed)
+    assert sorted(p.name for p in (world / "portraits").iterdir()) == [f"{i.id}.png" for i in identities]
+    for identity in identities:
+        portrait = np.asarray(Image.open(world / portrait_path(identity.id)))  # PNG: lossless
+        canonical = render_canonical(FaceAppearance(**identity.appearance), SMALL.frame_size)
+        np.testing.assert_array_equal(portrait, canonical)
+    for record in read_world_manifest(world):
+        assert record["portrait"] == portrait_path(record["identity"])
+
+
+def test_a_missing_portrait_is_remade_without_touching_the_clips(world: Path, tmp_path: Path):
+    copy = tmp_path / "world"
+    shutil.copytree(world, copy)
+    lost = copy / portrait_path(read_world_manifest(copy)[0]["identity"])
+    original = lost.read_bytes()
+    lost.unlink()
+    clips = {path: path.stat().st_mtime_ns for path in _clips(copy)}
+    generate_world(SMALL, copy)
+    assert lost.read_bytes() == original
+    assert {path: path.stat().st_mtime_ns for path in clips} == clips
+
+
+def test_shards_of_the_world_carry_each_speakers_aligned_portrait(world: Path, tmp_path: Path):
+    import webdataset as wds
+    from PIL import Image
+
+    from s2f.faces import extract_face
+    from shards.build import BuildConfig, build_shards, complete_shards
+    from shards.schema import PORTRAIT, SPLITS, speaker_of
+    from shards.sources import source_items
+
+    copy = tmp_path / "world"
+    shutil.copytree(world, copy)
+    broken = read_world_manifest(copy)[-1]["identity"]
+    (copy / portrait_path(broken)).write_bytes(b"not a png")
+    out = tmp_path / "shards"
+    config = BuildConfig(out=str(out), workers=1, ratios=(1.0, 0.0, 0.0))  # a head needs 2 speakers
+    summary = build_shards(source_items("demo", str(copy)), config)
+    samples = [s for split in SPLITS for path in complete_shards(out / split)
+               for s in wds.WebDataset(str(path), shardshuffle=False)]  # fmt: skip
+    assert sorted({speaker_of(s["__key__"]) for s in samples}) == sorted(
+        i.id for i in generate_identities(SMALL.identities, SMALL.seed) if i.id != broken)
+    for sample in samples:
+        speaker = speaker_of(sample["__key__"])
+        portrait = np.asarray(Image.open(copy / portrait_path(speaker)))
+        expected = extract_face(portrait, "hog", None, upsample=0).crop.astype(float)  # (224, 224, 3)
+        decoded = np.asarray(Image.open(io.BytesIO(sample[PORTRAIT]))).astype(float)
+        assert np.abs(decoded - expected).mean() < 3.0  # JPEG's error only
+    failures = [json.loads(line) for split in SPLITS
+                for line in (out / split / "failures.jsonl").read_text().splitlines()]  # fmt: skip
+    assert len(failures) == SMALL.clips_per_identity == len(summary.failures)
+    assert {f["stage"] for f in failures} == {"portrait"}
+    assert all(broken in f["reason"] for f in failures)
+
+
 def test_same_world_whatever_the_worker_count(world: Path, world_one_worker: Path):
     assert (world / MANIFEST).read_bytes() == (world_one_worker / MANIFEST).read_bytes()
     assert (world / IDENTITIES).read_bytes() == (world_one_worker / IDENTITIES).read_bytes()
     paths = [p.relative_to(world) for p in _clips(world)]
     assert paths == [p.relative_to(world_one_worker) for p in _clips(world_one_worker)]
+    for portrait in (world / "portraits").iterdir():
+        assert portrait.read_bytes() == (world_one_worker / "portraits" / portrait.name).read_bytes()
     for path in paths:
         audio_a, frame_a = _decoded(world / path)
         audio_b, frame_b = _decoded(world_one_worker / path)

@@ -475,6 +475,28 @@ def test_report_shows_decoded_face_grids_and_tables(decoder_run):
     assert "Retrieval of decoded faces not run" in section
 
 
+def _image_bytes(colour: tuple[int, int, int], kind: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buffer, format=kind)
+    return buffer.getvalue()
+
+
+def test_decoded_face_grid_adds_a_portrait_column_when_the_shards_have_portraits():
+    from s2f.report import _face_grid
+
+    face, portrait = _image_bytes((200, 0, 0), "JPEG"), _image_bytes((0, 0, 200), "JPEG")
+    decoded = _image_bytes((0, 200, 0), "PNG")
+    rows = [{"key": f"k{i}", "true": face, "portrait": portrait if i == 0 else None, "f2f": decoded,
+             "s2f": decoded, "f2f_detected": True, "s2f_detected": True} for i in range(2)]  # fmt: skip
+    page = _face_grid({"duration": "6s", "rows": rows})
+    assert "<th>true face</th><th>portrait</th><th>F2F</th><th>S2F</th>" in page
+    images = re.findall(r'src="data:image/(png|jpeg);base64,([^"]+)"', page)
+    assert [base64.b64decode(data) for _, data in images] == [face, portrait, decoded, decoded, face, decoded, decoded]
+    assert "k1<br>(no portrait.jpg)" in page
+    page = _face_grid({"duration": "6s", "rows": [{**row, "portrait": None} for row in rows]})
+    assert "portrait" not in page and "<th>true face</th><th>F2F</th><th>S2F</th>" in page
+
+
 @pytest.mark.slow
 def test_report_without_decoder_says_how_to_get_faces(first_run):
     page = (first_run["out"] / ev.REPORT_FILE).read_text()

@@ -265,3 +265,12 @@ def test_killed_part_is_rerun_without_duplicates(array_source, tmp_path):
     merge(out)
     built = keys(out)
     assert len(built) == len(set(built)) == 10
+
+
+def test_a_portrait_beside_a_speakers_videos_is_that_speakers(tmp_path: Path):
+    for name in ("alice/a1.mp4", "alice/a2.mp4", "alice/portrait.png", "bob/b1.mp4", "carol.mp4",
+                 "portrait.jpg"):  # fmt: skip
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    portraits = {item.speaker: item.portrait for item in source_items("videos", str(tmp_path))}
+    assert portraits == {"alice": tmp_path / "alice/portrait.png", "bob": None, "carol": None}

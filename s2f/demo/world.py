@@ -3,6 +3,8 @@
 Layout of a world folder:
 
     videos/<identity id>/clipNN.mp4   one speaker per clip; the folder name is the speaker id
+    portraits/<identity id>.png       each speaker frontal, neutral, evenly lit: the photos the
+                                      face decoder learns to draw (SPEC section 6)
     manifest.jsonl                    one line per clip: path, identity, clip, ground truth,
                                       the clip's variation (pose, light, framing)
     identities.jsonl                  all identities, as s2f.demo.identity.write_manifest
@@ -44,11 +46,12 @@ from tqdm import tqdm
 
 from s2f.audio import SAMPLE_RATE
 from s2f.demo.identity import Identity, clip_variation, generate_identities, manifest_text
-from s2f.demo.render import ClipVariation, FaceAppearance, render_face
+from s2f.demo.render import ClipVariation, FaceAppearance, render_canonical, render_face
 from s2f.demo.voices import make_voice_clip
 from s2f.video import INSTALL_HINT, write_mp4
 
 VIDEOS_DIR = "videos"
+PORTRAITS_DIR = "portraits"
 MANIFEST = "manifest.jsonl"
 IDENTITIES = "identities.jsonl"
 CONFIG = "world.json"
@@ -89,6 +92,11 @@ def clip_path(identity_id: str, clip_index: int) -> str:
     return f"{VIDEOS_DIR}/{identity_id}/clip{clip_index:02d}.mp4"
 
 
+def portrait_path(identity_id: str) -> str:
+    """Path of an identity's portrait relative to the world folder."""
+    return f"{PORTRAITS_DIR}/{identity_id}.png"
+
+
 def clip_record(identity: Identity, clip_index: int, seed: int) -> dict:
     """One manifest line: where the clip is, whose it is, the identity's ground truth (flat,
     `age_decade` and `speaks_other_language` included) and the clip's variation."""
@@ -97,6 +105,7 @@ def clip_record(identity: Identity, clip_index: int, seed: int) -> dict:
     return {
         **truth,
         "path": clip_path(identity.id, clip_index),
+        "portrait": portrait_path(identity.id),
         "identity": identity.id,
         "clip": clip_index,
         "speaks_other_language": identity.speaks_other_language,
@@ -181,13 +190,28 @@ class _Job:
     missing: tuple[int, ...]
     config: WorldConfig
     out_dir: Path
+    portrait_missing: bool
+
+
+def _jobs(identities: list[Identity], config: WorldConfig, out_dir: Path) -> list[_Job]:
+    """A job per identity with a clip or its portrait still to write."""
+    jobs = []
+    for identity in identities:
+        missing = _missing_clips(out_dir, identity, config.clips_per_identity)
+        portrait_missing = not (out_dir / portrait_path(identity.id)).is_file()
+        if missing or portrait_missing:
+            jobs.append(_Job(identity, missing, config, out_dir, portrait_missing))
+    return jobs
 
 
 def _run_job(job: _Job) -> int:
-    """Make an identity's clips in order (see the module note on espeak's state); write the
-    missing ones. Runs in a fresh process; returns the number of clips written."""
+    """Write the identity's portrait if missing; make its clips in order (see the module note on
+    espeak's state), writing the missing ones. Runs in a fresh process; returns the number of
+    clips written."""
     identity, config = job.identity, job.config
-    for clip in range(max(job.missing) + 1):
+    if job.portrait_missing:
+        _write_portrait(identity, config, job.out_dir)
+    for clip in range(max(job.missing, default=-1) + 1):
         try:
             audio = make_voice_clip(identity, clip, config.seed, config.clip_seconds)  # (N,)
             if clip not in job.missing:
@@ -200,6 +224,17 @@ def _run_job(job: _Job) -> int:
         except Exception as error:
             raise RuntimeError(f"demo world: {identity.id} clip {clip} failed: {error}") from error
     return len(job.missing)
+
+
+def _write_portrait(identity: Identity, config: WorldConfig, out_dir: Path) -> None:
+    from PIL import Image
+
+    image = render_canonical(FaceAppearance(**identity.appearance), config.frame_size)  # (H, W, 3)
+    path = out_dir / portrait_path(identity.id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    Image.fromarray(image).save(temporary, format="PNG")
+    os.replace(temporary, path)
 
 
 def _main_script_modules() -> list[str]:
@@ -260,12 +295,7 @@ def generate_world(config: WorldConfig, out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_config(out_dir, config)
     identities = generate_identities(config.identities, config.seed)
-    jobs = [
-        _Job(identity, missing, config, out_dir)
-        for identity in identities
-        if (missing := _missing_clips(out_dir, identity, config.clips_per_identity))
-    ]
-    _run_jobs(jobs, config.workers)
+    _run_jobs(_jobs(identities, config, out_dir), config.workers)
     _write_text(out_dir / IDENTITIES, manifest_text(identities))
     _write_text(out_dir / MANIFEST, manifest_lines(identities, config))
     return out_dir

@@ -36,8 +36,10 @@ class SourceItem:
     `key` is the schema key `<source>/<speaker>/<clip>`; `path` the video (or, with `image`,
     the audio) file; `start`/`end` the segment in seconds (end None: to the end of the file);
     `center_xy` the speaker's face centre, normalised (x, y), when the source knows it;
-    `image` a face frame to use instead of a video frame; `split` forces the split (official
-    test identities); `fetcher` makes `path` local first; `meta` goes into the sample's json.
+    `image` a face frame to use instead of a video frame; `portrait` a frontal, neutral photo
+    of the speaker, the face decoder's target (SPEC section 6), when the source has one;
+    `split` forces the split (official test identities); `fetcher` makes `path` local first;
+    `meta` goes into the sample's json.
     """
 
     key: str
@@ -47,6 +49,7 @@ class SourceItem:
     end: float | None = None
     center_xy: tuple[float, float] | None = None
     image: Path | None = None
+    portrait: Path | None = None
     split: str | None = None
     fetcher: Fetcher | None = None
     meta: dict = field(default_factory=dict)

@@ -1,13 +1,16 @@
 """The generic `videos` source (a folder of videos, one speaker per file) and the demo world.
 
 Speaker id: the parent folder's name when the file sits in a subfolder of the source, else the
-file stem. Clip id: the path relative to the source, without suffix, so it is unique.
+file stem. Clip id: the path relative to the source, without suffix, so it is unique. A
+`portrait.jpg` (or .jpeg, .png) beside a speaker's videos is that speaker's frontal, neutral
+photo: the builder stores it aligned as `portrait.jpg`, the face decoder's target.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from shards.schema import sample_key
@@ -15,6 +18,7 @@ from shards.sources import SourceItem
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".flv"}
 DEMO_MANIFEST = "manifest.jsonl"
+PORTRAIT_NAMES = ("portrait.jpg", "portrait.jpeg", "portrait.png")
 
 
 def _video_files(root: Path) -> list[Path]:
@@ -33,14 +37,21 @@ def _item(root: Path, path: Path, kind: str, meta: dict | None = None) -> Source
     )
 
 
+def _speaker_portrait(folder: Path) -> Path | None:
+    return next((folder / name for name in PORTRAIT_NAMES if (folder / name).is_file()), None)
+
+
 def video_folder_items(source: str) -> Iterator[SourceItem]:
     root = Path(source)
     for path in _video_files(root):
-        yield _item(root, path, "videos")
+        item = _item(root, path, "videos")
+        portrait = None if path.parent == root else _speaker_portrait(path.parent)
+        yield item if portrait is None else replace(item, portrait=portrait)
 
 
 def demo_world_items(source: str) -> Iterator[SourceItem]:
-    """The demo world's videos with their ground truth (`manifest.jsonl`) as attributes."""
+    """The demo world's videos with their ground truth (`manifest.jsonl`) as attributes, and
+    each speaker's portrait (worlds made before portraits existed have none)."""
     root = Path(source)
     manifest = root / DEMO_MANIFEST
     if not manifest.is_file():
@@ -48,4 +59,6 @@ def demo_world_items(source: str) -> Iterator[SourceItem]:
     for line in manifest.read_text().splitlines():
         record = json.loads(line)
         path = root / record.pop("path")
-        yield _item(root, path, "demo", {"attributes": record})
+        portrait = record.pop("portrait", None)
+        item = _item(root, path, "demo", {"attributes": record})
+        yield item if portrait is None else replace(item, portrait=root / portrait)
