@@ -50,7 +50,7 @@ from s2f.craniofacial import (
     true_geometry_table,
     upsample_for_dlib,
 )
-from s2f.evaluate import FACE_CHUNK, SplitFeatures, read_faces, retrieval_tables
+from s2f.evaluate import FACE_CHUNK, SplitFeatures, read_members, retrieval_tables
 from shards import schema
 
 GRID_FACES = 8  # test clips shown as (true face | F2F | S2F)
@@ -267,11 +267,11 @@ def face_grid(
     """Rows (true face.jpg | portrait.jpg when the shards have one | F2F | S2F of `duration`)
     for a seeded sample of GRID_FACES clips."""
     rows = m.sample_gallery(len(split.keys), GRID_FACES, seed)
-    jpegs = read_faces(shards, [split.keys[i] for i in rows])
-    portraits = read_faces(shards, [split.keys[i] for i in rows], schema.PORTRAIT)
+    jpegs = read_members(shards, [split.keys[i] for i in rows], (schema.FACE, schema.PORTRAIT))
     f2f, s2f = readings[F2F], readings[duration]
     return {"duration": duration, "rows": [
-        {"key": split.keys[i], "true": jpegs.get(split.keys[i]), "portrait": portraits.get(split.keys[i]),
+        {"key": split.keys[i], "true": jpegs.get(split.keys[i], {}).get(schema.FACE),
+         "portrait": jpegs.get(split.keys[i], {}).get(schema.PORTRAIT),
          "f2f": png_bytes(f2f.images[i]), "f2f_detected": bool(f2f.detected[i]),
          "s2f": png_bytes(s2f.images[i]), "s2f_detected": bool(s2f.detected[i])}
         for i in rows

@@ -148,18 +148,26 @@ def _chunks(items: Iterator[dict], size: int) -> Iterator[list[dict]]:
         yield chunk
 
 
-def read_faces(folder: str | Path, keys: Sequence[str], member: str = schema.FACE) -> dict[str, bytes]:
-    """`member` (face.jpg) bytes of the samples named in `keys` that have one, read from a split."""
+def read_members(
+    folder: str | Path, keys: Sequence[str], members: Sequence[str]
+) -> dict[str, dict[str, bytes]]:
+    """{key: {member: bytes}}: which of `members` each sample named in `keys` has, one pass."""
     folder, wanted = Path(folder), set(keys)
     index = schema.SplitIndex.read(folder)
-    faces: dict[str, bytes] = {}
+    found: dict[str, dict[str, bytes]] = {}
     for shard in index.shards:
         for raw in read_shard(str(folder / shard["name"]), shard["samples"], Tally()):
-            if raw["__key__"] in wanted and member in raw:
-                faces[raw["__key__"]] = raw[member]
-        if len(faces) == len(wanted):
+            if raw["__key__"] in wanted:
+                found[raw["__key__"]] = {member: raw[member] for member in members if member in raw}
+        if len(found) == len(wanted):
             break  # the rest of the split holds nothing we need
-    return faces
+    return found
+
+
+def read_faces(folder: str | Path, keys: Sequence[str]) -> dict[str, bytes]:
+    """face.jpg bytes of the samples named in `keys` (those that have one), read from a split."""
+    found = read_members(folder, keys, (schema.FACE,))
+    return {key: members[schema.FACE] for key, members in found.items() if members}
 
 
 # ----------------------------------------------------------------------------- the model
