@@ -3,8 +3,9 @@
 Layout of a world folder:
 
     videos/<identity id>/clipNN.mp4   one speaker per clip; the folder name is the speaker id
-    portraits/<identity id>.png       each speaker frontal, neutral, evenly lit: the photos the
-                                      face decoder learns to draw (SPEC section 6)
+    portraits/<identity id>.png       each speaker frontal, neutral, evenly lit, hair off the
+                                      face (an ID photo): the photos the face decoder learns to
+                                      draw (SPEC section 6)
     manifest.jsonl                    one line per clip: path, identity, clip, ground truth,
                                       the clip's variation (pose, light, framing)
     identities.jsonl                  all identities, as s2f.demo.identity.write_manifest
