@@ -366,5 +366,4 @@ def clip_variation(identity: Identity, clip_index: int, seed: int) -> dict:
         "background": background,
         "scale": _round(rng.uniform(*SCALE_RANGE)),
         "center": (_round(center[0]), _round(center[1])),
-        "hair_off_face": False,  # hair as styled; only the portraits keep it off the face
     }

@@ -43,7 +43,7 @@ LIP_HEIGHT = (0.045, 0.11)  # lower-lip height; the upper lip is 0.8 of it
 EYE_CENTRE_U = (0.38, 0.50)
 HAIR_GROWTH = (1.04, 1.07, 1.13, 1.13, 1.30)  # per hair_style: cap size over the skull
 HAIR_SIDES = (-0.05, 0.0, 0.15, 0.25, 0.1)  # per hair_style: v where the side hair ends
-HAIR_SIDES_OFF_FACE = BROW_V - 0.05  # ClipVariation.hair_off_face: side hair ends above the brows
+HAIR_SIDES_OFF_FACE = BROW_V - 0.05  # hair off the face: side hair ends above the brows
 EYE_HALF_WIDTH = 0.19
 EYE_HALF_HEIGHT = (0.045, 0.105)  # lid-to-lid opening, narrow .. round
 IRIS_RADIUS = 0.085
@@ -107,17 +107,10 @@ class ClipVariation:
     background: int | tuple[float, float, float] = 0  # texture seed, or a flat RGB 0..1
     scale: float = 0.55  # head height (top to chin) as a fraction of the frame height
     center: tuple[float, float] = (0.5, 0.5)  # head centre, normalised (x, y) in the frame
-    # ID-photo rule: hair kept off the face, so its outline and the ears show; long hair is
-    # tied back behind the head
-    hair_off_face: bool = False
 
 
 CANONICAL_VARIATION = ClipVariation(
-    light_elevation_deg=0.0,
-    background=CANONICAL_BACKGROUND,
-    scale=0.62,
-    center=(0.5, 0.52),
-    hair_off_face=True,
+    light_elevation_deg=0.0, background=CANONICAL_BACKGROUND, scale=0.62, center=(0.5, 0.52)
 )
 
 
@@ -238,9 +231,13 @@ class _Face:
     Windows keep the cost proportional to the feature's area, not the frame's.
     """
 
-    def __init__(self, appearance: FaceAppearance, variation: ClipVariation, image: np.ndarray):
+    def __init__(
+        self, appearance: FaceAppearance, variation: ClipVariation, image: np.ndarray,
+        hair_off_face: bool,
+    ):  # fmt: skip
         a = appearance
         self.a, self.var, self.frame = a, variation, image
+        self.hair_off_face = hair_off_face
         h, w = image.shape[:2]
         self.unit = variation.scale * h / HEAD_HEIGHT  # pixels per head unit
         self.pixel = 1.0 / self.unit  # head units per pixel
@@ -328,13 +325,13 @@ class _Face:
             long_ = np.maximum(np.abs(u) - self.face_hw * 1.22, v - (CHIN + 0.7))
             return _soft(np.minimum(cap, np.maximum(long_, EYE_V - v)), px)
         hairline = HAIRLINE + 0.30 * (u / self.face_hw) ** 2 + (0.2 if style == 0 else 0.0)
-        sides = HAIR_SIDES_OFF_FACE if self.var.hair_off_face else HAIR_SIDES[style]
+        sides = HAIR_SIDES_OFF_FACE if self.hair_off_face else HAIR_SIDES[style]
         above = np.where(np.abs(u) > 0.78 * self.face_hw, sides - v, hairline - v)
         return _soft(np.maximum(cap, -above), px)
 
     def _hair(self, front: bool) -> None:
         style = self.a.hair_style
-        if not front and (style != 3 or self.var.hair_off_face):
+        if not front and (style != 3 or self.hair_off_face):
             return
         reach = self.face_hw * HAIR_GROWTH[style] + 0.1
         top = EYE_V + (HEAD_TOP - EYE_V) * HAIR_GROWTH[style] - 0.1
@@ -512,17 +509,21 @@ def _finish(image: np.ndarray, seed: int) -> np.ndarray:
 
 
 def render_scene(
-    faces: list[tuple[FaceAppearance, ClipVariation]], size: tuple[int, int] = (224, 224)
+    faces: list[tuple[FaceAppearance, ClipVariation]],
+    size: tuple[int, int] = (224, 224),
+    hair_off_face: bool = False,
 ) -> np.ndarray:
     """Several faces in one frame (the first face's variation sets the background).
 
     Returns RGB uint8 (H, W, 3); faces are painted in list order (later ones in front).
+    `hair_off_face`: the ID-photo rule, hair kept off the face so that its outline and the ears
+    show (side hair ends above the brows, long hair is tied back behind the head).
     """
     if not faces:
         raise ValueError("render_scene needs at least one (FaceAppearance, ClipVariation) pair")
     image = _background(faces[0][1], size)
     for appearance, variation in faces:
-        _Face(appearance, variation, image).paint()
+        _Face(appearance, variation, image, hair_off_face).paint()
     return _finish(image, _seed(faces))
 
 
@@ -534,5 +535,6 @@ def render_face(
 
 
 def render_canonical(appearance: FaceAppearance, size: tuple[int, int] = (224, 224)) -> np.ndarray:
-    """The face frontal, neutral and evenly lit on a flat grey background: RGB uint8 (H, W, 3)."""
-    return render_scene([(appearance, CANONICAL_VARIATION)], size)
+    """The face frontal, neutral and evenly lit on a flat grey background, hair off the face
+    (an ID photo): RGB uint8 (H, W, 3)."""
+    return render_scene([(appearance, CANONICAL_VARIATION)], size, hair_off_face=True)
