@@ -9,8 +9,9 @@ whatever pose and light the clip has). Targets also need dlib's 68 landmarks of 
 - `landmark_pass(root)` finds them once per split (`prepare_data`) and writes
   `root/<split>/landmarks68.npz`: `keys` (N,), `landmarks` (N, 68, 2) in the decoder's
   normalised coordinates, `no_face` (keys where dlib found no face on the crop: recorded and
-  skipped), `shards` (the shard names it covers: a rebuilt split is landmarked again) and, for
-  the training split, `mean` (68, 2): the mean geometry the textures are drawn in.
+  skipped), `shards` (the shard names it covers: a rebuilt split is landmarked again),
+  `reader` (LANDMARK_READER: a file read another way is landmarked again) and, for the
+  training split, `mean` (68, 2): the mean geometry the textures are drawn in.
 - Each sample's texture is `unwarp(face, landmarks, mean)`. The face is first resized to the
   decoder's output size S, then unwarped there: the landmarks are resolution-free, and at S
   the spline is evaluated on S^2 pixels instead of 224^2 (12x less work at S = 64).
@@ -44,6 +45,7 @@ from shards.build import complete_shards
 log = logging.getLogger(__name__)
 
 LANDMARKS_FILE = "landmarks68.npz"
+LANDMARK_READER = "dlib68-mirror-averaged"  # s2f.craniofacial.find_landmarks
 LANDMARK_SPLITS = ("train", "val")
 CROP_UPSAMPLE = 0  # HOG doublings on a 224-px crop: the face fills ~0.8 of it, far above 80 px
 MAX_NO_FACE_FRACTION = 0.1  # a split where dlib misses more crops than this is not face data
@@ -64,7 +66,8 @@ def _is_current(path: Path, shards: list[str]) -> bool:
     if not path.is_file():
         return False
     with np.load(path) as table:
-        return table["shards"].tolist() == shards
+        reader = str(table["reader"]) if "reader" in table else None
+        return table["shards"].tolist() == shards and reader == LANDMARK_READER
 
 
 def target_face(raw: dict) -> np.ndarray:
@@ -145,7 +148,8 @@ def landmark_pass(
             _check_no_face(folder, table, max_no_face_fraction)
             if split == "train":
                 table["mean"] = table["landmarks"].mean(axis=0)  # (K, 2)
-            _save_atomic(path, table | {"shards": np.array(shards, dtype=str)})
+            stamp = {"shards": np.array(shards, dtype=str), "reader": np.array(LANDMARK_READER)}
+            _save_atomic(path, table | stamp)
         written[split] = path
     return written
 

@@ -42,7 +42,8 @@ Approximations, and what could not be defined reliably:
   dlib's 27 and 33, a little below and above the anthropometric points.
 
 `decode_faces` runs the decoder (images and the landmarks it drew); `find_landmarks` finds
-dlib's landmarks (HOG detector, 68-point predictor) on an image, upsampled first by
+dlib's landmarks (HOG detector, 68-point predictor, averaged over the image and its mirror
+image: the outline points steady most) on an image, upsampled first by
 `upsample_for_dlib` when it is a small decoded face, and returns them in the decoder's
 normalised coordinates (s2f.decoder docstring), where a crop's pixel (x, y) is
 ((2x + 1) / W - 1, (2y + 1) / H - 1).
@@ -100,10 +101,11 @@ def best_face(image: np.ndarray, upsample: int = DETECT_UPSAMPLE):
 
 
 def landmarks_in_box(image: np.ndarray, box) -> np.ndarray:
-    """(68, 2) normalised landmarks of the face in `box` (an s2f.faces.Box) of an RGB image."""
-    from s2f.faces import landmarks68
+    """(68, 2) normalised landmarks of the face in `box` (an s2f.faces.Box) of an RGB image,
+    averaged with the mirror image's (s2f.faces.landmarks68_mirror_averaged)."""
+    from s2f.faces import landmarks68_mirror_averaged
 
-    return pixels_to_normalised(landmarks68(image, box), *image.shape[:2])
+    return pixels_to_normalised(landmarks68_mirror_averaged(image, box), *image.shape[:2])
 
 
 def find_landmarks(image: np.ndarray, upsample: int = DETECT_UPSAMPLE) -> np.ndarray | None:

@@ -38,6 +38,14 @@ MTCNN_NMS = (0.5, 0.7, 0.7, 0.7)  # IoU: per scale, P-Net all scales, R-Net, O-N
 MTCNN_CELL = 12  # pixels, P-Net receptive field
 MTCNN_STRIDE = 2  # pixels, P-Net output stride
 
+# iBUG 68 index of each point's mirror image: jaw 0-16, brows 17-26, nose 27-35, eyes 36-47,
+# outer lips 48-59, inner lips 60-67.
+IBUG68_MIRROR = (
+    *range(16, -1, -1), *range(26, 16, -1), 27, 28, 29, 30, 35, 34, 33, 32, 31,
+    45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40,
+    *range(54, 47, -1), 59, 58, 57, 56, 55, *range(64, 59, -1), 67, 66, 65,
+)  # fmt: skip
+
 _MODELS: dict[str, object] = {}
 
 
@@ -276,19 +284,36 @@ def landmarks68(image: np.ndarray, box: Box) -> np.ndarray:
     return _points(_shape(image, box, "landmarks68"))
 
 
+def landmarks68_mirror_averaged(image: np.ndarray, box: Box) -> np.ndarray:
+    """dlib's 68 landmarks averaged with those read on the mirror image: (68, 2) x, y pixels.
+
+    The predictor's cascade is not mirror-symmetric, so its errors on the two readings are
+    partly independent; the average is steadier, most on the outline (points 0-16), which
+    dlib places from its shape prior more than from the image edge.
+    """
+    width = image.shape[1]
+    mirrored = np.ascontiguousarray(image[:, ::-1])
+    mirrored_box = Box(width - box.right, box.top, width - box.left, box.bottom, box.score)
+    points = landmarks68(mirrored, mirrored_box)[list(IBUG68_MIRROR)]  # (68, 2)
+    points[:, 0] = width - 1 - points[:, 0]
+    return (landmarks68(image, box) + points) / 2
+
+
 def landmarks5(image: np.ndarray, box: Box) -> np.ndarray:
     """dlib's 5 landmarks (eye corners, nose base) of the face in `box`: (5, 2) x, y pixels."""
     return _points(_shape(image, box, "landmarks5"))
 
 
-def _chip(image: np.ndarray, shape, size: int) -> np.ndarray:
+def _chip(image: np.ndarray, shape, size: int, padding: float) -> np.ndarray:
     dlib, _ = _import_dlib()
-    return dlib.get_face_chip(_check_image(image), shape, size=size, padding=ALIGN_PADDING)
+    return dlib.get_face_chip(_check_image(image), shape, size=size, padding=padding)
 
 
-def align_face(image: np.ndarray, box: Box, size: int = FACE_SIZE) -> np.ndarray:
+def align_face(
+    image: np.ndarray, box: Box, size: int = FACE_SIZE, padding: float = ALIGN_PADDING
+) -> np.ndarray:
     """Similarity-aligned (size, size, 3) crop: eyes level, at fixed positions (module doc)."""
-    return _chip(image, _shape(image, box, "landmarks5"), size)
+    return _chip(image, _shape(image, box, "landmarks5"), size, padding)
 
 
 def extract_face(
@@ -296,6 +321,7 @@ def extract_face(
     detector: str = "hog",
     center_xy: tuple[float, float] | None = None,
     upsample: int | None = None,
+    padding: float = ALIGN_PADDING,
 ) -> FaceCrop:
     """Detect, pick the speaker's face, align: the shard builder's one call per frame."""
     boxes = detect_faces(image, detector, upsample)
@@ -306,7 +332,7 @@ def extract_face(
         )
     box = pick_speaker_face(boxes, image.shape[:2], center_xy)
     shape = _shape(image, box, "landmarks5")
-    crop = _chip(image, shape, FACE_SIZE)
+    crop = _chip(image, shape, FACE_SIZE, padding)
     return FaceCrop(crop=crop, box=box, landmarks5=_points(shape), num_faces=len(boxes))
 
 

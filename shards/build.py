@@ -3,8 +3,8 @@
 Per item (in a worker process): decode the segment's audio and one frame with PyAV, fit the
 audio to 6 s at 16 kHz (loop a short clip; reject one under `min_audio_seconds`), detect the
 speaker's face, align it to 224 x 224, compute the teacher feature, align the speaker's
-portrait when the source gives one (`portrait.jpg`, the face decoder's target) and encode the
-sample.
+portrait when the source gives one (`portrait.jpg`, the face decoder's target, with a wider
+margin: PORTRAIT_PADDING) and encode the sample.
 The main process writes samples in item order into per-split shards.
 
 Safety: a shard is written under a hidden temporary name and renamed when complete, so only
@@ -57,6 +57,10 @@ SILENCE_RMS = 1e-4  # ~ -80 dBFS: below this the clip carries no voice
 MAX_CENTER_DISTANCE = 0.25  # fraction of the frame diagonal between (x, y) and the chosen face
 FRAME_OFFSET = 0.0  # s after the segment start: AVSpeech's face centre is given there
 JPEG_QUALITY = 90
+# The portrait's crop margin (face.jpg's is s2f.faces.ALIGN_PADDING = 0.25). The decoder draws
+# what it is shown: at 0.25 a wide face meets the crop's edges at eye level, so the decoded face
+# has no outline there for the craniofacial face width (dlib's contour points 0 / 16) to follow.
+PORTRAIT_PADDING = 0.4
 BUILD_SETTINGS = "build.json"
 PAYLOADS = ("audio", "spectrogram")
 
@@ -177,17 +181,24 @@ def _decode(path: Path, item: SourceItem, config: BuildConfig) -> tuple[np.ndarr
     return fit_duration(wave).numpy(), frame, seconds
 
 
-def _detect(frame: np.ndarray, center_xy: tuple[float, float] | None, detector: str):
-    """Detect at the frame's own scale first; only a miss pays for the 2x upsampled search."""
-    from s2f.faces import NoFaceError, extract_face
+def _detect(
+    frame: np.ndarray,
+    center_xy: tuple[float, float] | None,
+    detector: str,
+    padding: float | None = None,
+):
+    """Detect at the frame's own scale first; only a miss pays for the 2x upsampled search.
+    `padding`: the crop's margin (default s2f.faces.ALIGN_PADDING)."""
+    from s2f.faces import ALIGN_PADDING, NoFaceError, extract_face
 
+    padding = ALIGN_PADDING if padding is None else padding
     try:
-        return extract_face(frame, detector, center_xy, upsample=0)
+        return extract_face(frame, detector, center_xy, upsample=0, padding=padding)
     except NoFaceError as error:
         if detector == "mtcnn":  # its pyramid already reaches small faces
             raise ItemFailed("face", str(error)) from error
     try:
-        return extract_face(frame, detector, center_xy, upsample=1)
+        return extract_face(frame, detector, center_xy, upsample=1, padding=padding)
     except NoFaceError as error:
         raise ItemFailed("face", str(error)) from error
 
@@ -206,8 +217,8 @@ def _face(frame: np.ndarray, item: SourceItem, config: BuildConfig):
 
 @functools.lru_cache(maxsize=4)
 def _portrait_jpg(path: Path, detector: str) -> bytes:
-    """The aligned crop of a speaker's portrait, as face.jpg is cut; cached: a speaker's clips
-    come one after another and share it."""
+    """The aligned crop of a speaker's portrait, cut as face.jpg but with PORTRAIT_PADDING;
+    cached: a speaker's clips come one after another and share it."""
     from PIL import Image
 
     try:
@@ -215,7 +226,7 @@ def _portrait_jpg(path: Path, detector: str) -> bytes:
     except Exception as error:
         raise ItemFailed("portrait", f"{path}: unreadable portrait ({error})") from error
     try:
-        return _jpeg(_detect(image, None, detector).crop)
+        return _jpeg(_detect(image, None, detector, PORTRAIT_PADDING).crop)
     except ItemFailed as error:
         raise ItemFailed("portrait", f"{path}: {error.reason}") from error
 

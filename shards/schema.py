@@ -8,8 +8,9 @@ A sample in a WebDataset tar shard has the key `<source>/<speaker>/<clip>` and t
 | `spec.npy`     | float16 (2, 598, 257) compressed spectrogram (`--payload spectrogram`) |
 | `fc7.npy`      | teacher feature (D,), float16 or float32                               |
 | `face.jpg`     | the aligned 224 x 224 face crop the feature was computed from          |
-| `portrait.jpg` | optional: the speaker's frontal, neutral face, aligned as `face.jpg`,  |
-|                | when the source has one (the demo world): the face decoder's target    |
+| `portrait.jpg` | optional: the speaker's frontal, neutral face, aligned as `face.jpg`   |
+|                | with a wider margin (padding 0.4: the whole outline shows), when the   |
+|                | source has one (the demo world): the face decoder's target             |
 | `json`         | source, speaker, video, segment times, face box, teacher, attributes   |
 
 Per split folder: `shard-%06d.tar` (or `shard-<part>-%06d.tar` for array builds),

@@ -14,7 +14,14 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger
 
 from datamodules.bench import write_split
-from datamodules.faces import LANDMARKS_FILE, FaceSample, FaceShardDataModule, landmark_pass, target_face
+from datamodules.faces import (
+    LANDMARK_READER,
+    LANDMARKS_FILE,
+    FaceSample,
+    FaceShardDataModule,
+    landmark_pass,
+    target_face,
+)
 from s2f.decoder_training import PREVIEW_DIR, FaceDecoderModule, load_decoder
 from s2f.demo.render import ClipVariation, FaceAppearance, render_face
 from s2f.faces import align_face, detect_faces
@@ -117,6 +124,12 @@ def test_landmark_pass_writes_normalised_landmarks_and_mean(shards):
     stamp = paths["train"].stat().st_mtime_ns
     landmark_pass(shards)  # up to date: not redone
     assert paths["train"].stat().st_mtime_ns == stamp
+    with np.load(paths["train"]) as table:
+        unstamped = {name: table[name] for name in table.files if name != "reader"}
+    np.savez(paths["train"], **unstamped)  # read by another landmark reader: redone
+    landmark_pass(shards)
+    with np.load(paths["train"]) as table:
+        assert str(table["reader"]) == LANDMARK_READER
 
 
 def test_batches_hold_targets_in_the_mean_geometry(shards):

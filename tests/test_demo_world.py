@@ -128,7 +128,7 @@ def test_shards_of_the_world_carry_each_speakers_aligned_portrait(world: Path, t
     from PIL import Image
 
     from s2f.faces import extract_face
-    from shards.build import BuildConfig, build_shards, complete_shards
+    from shards.build import PORTRAIT_PADDING, BuildConfig, build_shards, complete_shards
     from shards.schema import PORTRAIT, SPLITS, speaker_of
     from shards.sources import source_items
 
@@ -146,9 +146,11 @@ def test_shards_of_the_world_carry_each_speakers_aligned_portrait(world: Path, t
     for sample in samples:
         speaker = speaker_of(sample["__key__"])
         portrait = np.asarray(Image.open(copy / portrait_path(speaker)))
-        expected = extract_face(portrait, "hog", None, upsample=0).crop.astype(float)  # (224, 224, 3)
+        expected = extract_face(portrait, "hog", None, 0, PORTRAIT_PADDING).crop.astype(float)
         decoded = np.asarray(Image.open(io.BytesIO(sample[PORTRAIT]))).astype(float)
         assert np.abs(decoded - expected).mean() < 3.0  # JPEG's error only
+        as_face_jpg = extract_face(portrait, "hog", None, upsample=0).crop.astype(float)
+        assert np.abs(decoded - as_face_jpg).mean() > 10  # the wider margin, not face.jpg's
     failures = [json.loads(line) for split in SPLITS
                 for line in (out / split / "failures.jsonl").read_text().splitlines()]  # fmt: skip
     assert len(failures) == SMALL.clips_per_identity == len(summary.failures)

@@ -19,12 +19,14 @@ from s2f.demo.render import (
 from s2f.faces import (
     FACE_SIZE,
     MTCNN,
+    IBUG68_MIRROR,
     Box,
     NoFaceError,
     align_face,
     detect_faces,
     extract_face,
     landmarks68,
+    landmarks68_mirror_averaged,
     mtcnn_weights_dir,
     pick_speaker_face,
 )
@@ -212,6 +214,21 @@ def test_align_face_puts_the_eyes_at_fixed_positions():
     assert eyes.std(0).max() < 3  # pixels: same place whatever the scale, position and roll
     # dlib's template at padding 0.25: eyes ~1/3 and ~2/3 across, ~0.31 down
     np.testing.assert_allclose(eyes.mean(0) / FACE_SIZE, [[0.33, 0.31], [0.66, 0.31]], atol=0.04)
+
+
+def test_mirror_averaged_landmarks_read_a_mirrored_face_as_its_mirror_image():
+    appearance = FaceAppearance(hair_style=4, face_width=0.7)  # curls: not mirror-symmetric
+    frame = render_canonical(appearance, size=(320, 300))  # (H, W, 3)
+    box = pick_speaker_face(detect_faces(frame, "hog", upsample=0), frame.shape[:2])
+    points = landmarks68_mirror_averaged(frame, box)  # (68, 2)
+    width = frame.shape[1]
+    mirrored_box = Box(width - box.right, box.top, width - box.left, box.bottom)
+    of_mirror = landmarks68_mirror_averaged(np.ascontiguousarray(frame[:, ::-1]), mirrored_box)
+    back = of_mirror[list(IBUG68_MIRROR)]
+    back[:, 0] = width - 1 - back[:, 0]
+    np.testing.assert_allclose(points, back, atol=1e-3)  # the reading is mirror-symmetric
+    assert np.abs(points - landmarks68(frame, box)).max() < 6  # pixels: the same face's points
+    assert points[36:42, 0].mean() < points[42:48, 0].mean()  # image-left eye stays on the left
 
 
 def test_measured_nose_width_follows_nose_width():
