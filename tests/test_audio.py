@@ -30,6 +30,11 @@ def numpy_reference_spectrogram(wave: np.ndarray) -> np.ndarray:
     return np.sign(parts) * np.abs(parts) ** 0.3
 
 
+def uncompressed(parts: np.ndarray) -> np.ndarray:
+    """Inverse of sgn(x)|x|^0.3."""
+    return np.sign(parts) * np.abs(parts) ** (1 / 0.3)
+
+
 def speech_like(seconds: float, seed: int = 0) -> np.ndarray:
     """Harmonics of a gliding F0 under a syllable-rate envelope, plus breath noise."""
     rng = np.random.default_rng(seed)
@@ -51,9 +56,13 @@ def test_spectrogram_matches_numpy_reference(kind):
     ours = spectrogram(torch.from_numpy(wave)).double().numpy()
     reference = numpy_reference_spectrogram(wave.astype(np.float64))
     assert ours.shape == reference.shape == (2, 598, 257)
-    assert np.linalg.norm(ours - reference) / np.linalg.norm(reference) < 1e-5
-    # Single values near zero carry more float32 rounding (|x|^0.3 is steep there).
-    assert np.abs(ours - reference).max() / np.abs(reference).max() < 1e-3
+    # float32 FFT rounding (~2e-7 before compression) grows in quiet bins under |x|^0.3: 4e-6
+    # to 1.1e-5 by CPU; a wrong window, hop or padding errs by more than 1e-2.
+    assert np.linalg.norm(ours - reference) / np.linalg.norm(reference) < 3e-5
+    # Pointwise, undo the compression: |x|^0.3 is steep near zero, where float32 rounding of the
+    # spectrum (~3e-7 of its peak) becomes up to ~1.5e-3 of the compressed peak.
+    error = np.abs(uncompressed(ours) - uncompressed(reference)).max()
+    assert error / np.abs(uncompressed(reference)).max() < 2e-6
 
 
 def test_spectrogram_is_batched_and_float32():
