@@ -71,7 +71,8 @@ MEASUREMENTS = (
     "lateral_upper_lip_heights", "vermilion_height_index", "lip_height", "face_width",
     "jaw_width", "mandibular_index", "intercanthal_index", "mouth_face_width_index",
 )  # fmt: skip
-# Demo-world ground truth (s2f.demo.render.FaceAppearance field) -> the measurement it drives.
+# Demo-world ground truth (a s2f.demo.render.FaceAppearance field, or a width derived from
+# them) -> the measurement it drives.
 TRUE_GEOMETRY = {
     "nose_width": "nose_width",
     "nose_height": "nose_height",
@@ -80,6 +81,12 @@ TRUE_GEOMETRY = {
     "face_width": "face_width",
     "jaw_width": "jaw_width",
     "eye_spacing": "intercanthal_index",
+    # The same widths in IODs (s2f.demo.render.widths_in_iod), the unit the measurements use:
+    # the field alone leaves out how eye spacing scales a measured width.
+    "face_width/IOD": "face_width",
+    "jaw_width/IOD": "jaw_width",
+    "nose_width/IOD": "nose_width",
+    "mouth_width/IOD": "mouth_width",
 }
 
 

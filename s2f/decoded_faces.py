@@ -25,6 +25,7 @@ metrics.json "faces" (sorted keys; recalls are fractions, `{"value", "ci"}` a 95
   retrieval sections plus chance_ratio[metric][recall@k] = recall / chance;
   true_geometry (when the samples carry the demo world's face geometry): per
   "<field> ~ <measurement>", craniofacial._correlate's {r, p, n, baseline}, on dlib's reading;
+  fields "<width>/IOD" are the true widths in the measurements' unit (craniofacial.TRUE_GEOMETRY);
   true_geometry_drawn: the same on the landmarks the decoder drew.
 - s2f[dur].craniofacial: `craniofacial_table(F2F landmarks, S2F landmarks)` over all items.
 """
@@ -50,6 +51,7 @@ from s2f.craniofacial import (
     true_geometry_table,
     upsample_for_dlib,
 )
+from s2f.demo.render import widths_in_iod
 from s2f.evaluate import FACE_CHUNK, SplitFeatures, read_members, retrieval_tables
 from shards import schema
 
@@ -151,8 +153,10 @@ def decoded_retrieval(reading: FaceReading, split: SplitFeatures, gallery: np.nd
 
 
 def true_geometry(attributes: list[dict]) -> dict[str, np.ndarray]:
-    """{field: (N,) values} of the demo world's face geometry fields known for every item."""
-    columns = {field: [truth.get(field) for truth in attributes] for field in TRUE_GEOMETRY}
+    """{field: (N,) values} of the demo world's face geometry known for every item: the fields,
+    and the widths in IODs where eye_spacing is known (s2f.demo.render.widths_in_iod)."""
+    derived = [truth | widths_in_iod(truth) for truth in attributes]
+    columns = {field: [truth.get(field) for truth in derived] for field in TRUE_GEOMETRY}
     return {
         field: np.asarray(values, dtype=np.float64)
         for field, values in columns.items()

@@ -372,7 +372,8 @@ def decoded_faces(faces: Mapping[str, Any] | None, grid: Mapping[str, Any] | Non
         parts.append(_correlation_table(faces["f2f"]["true_geometry_drawn"], "true field ~ measurement",
                                         "True face geometry vs measurements on the landmarks the decoder "
                                         "drew F2F with"))
-    parts.append(_note("Lengths are in interocular distances (s2f.craniofacial). The random-pair baseline "
+    parts.append(_note("Lengths are in interocular distances (s2f.craniofacial); a true field '<width>/IOD' "
+                       "is that width in the same unit. The random-pair baseline "
                        "correlates the same measurements with the pairing shuffled: mean ± std of r and "
                        "the permutation p of the observed |r|. Faces dlib missed are left out (n)."))
     return "".join(parts) + _face_grid(grid)

@@ -8,7 +8,7 @@ import scipy.stats
 
 from s2f import craniofacial as cf
 from s2f.decoder import default_mean_landmarks
-from s2f.demo.render import FaceAppearance, render_canonical
+from s2f.demo.render import FaceAppearance, render_canonical, widths_in_iod
 from s2f.faces import align_face, detect_faces
 
 
@@ -88,3 +88,20 @@ def test_rendered_faces_measure_wider_noses_and_faces_wider():
     # jaw, so a wider face here is wider at both (as the demo world correlates them)
     faces = [_rendered(face_width=w, jaw_width=w)["face_width"] for w in (0.0, 0.5, 1.0)]
     assert faces[0] < faces[1] < faces[2]
+
+
+def test_widths_in_iod_divide_the_rendered_half_widths_by_the_eye_centre():
+    # average face: cheekbone half-width 1.0, eye centres at +-0.44 (EYE_CENTRE_U at 0.5)
+    widths = widths_in_iod({"face_width": 0.5, "nose_width": 0.0, "eye_spacing": 0.5, "age": 30})
+    assert widths == pytest.approx({"face_width/IOD": 1.0 / 0.44, "nose_width/IOD": 0.13 / 0.44})
+    assert widths_in_iod({"face_width": 1.0, "eye_spacing": 1.0}) == pytest.approx({"face_width/IOD": 1.2 / 0.5})
+    assert widths_in_iod({"face_width": 0.5}) == {}  # no eye spacing, no IOD
+
+
+def test_wider_set_eyes_make_the_same_face_measure_narrower():
+    # why true_geometry also compares against widths in IODs: with the face_width field fixed,
+    # the measured face width still falls as the eyes move apart
+    measured = [_rendered(eye_spacing=e)["face_width"] for e in (0.0, 0.5, 1.0)]
+    in_iod = [widths_in_iod({"face_width": 0.5, "eye_spacing": e})["face_width/IOD"] for e in (0.0, 0.5, 1.0)]
+    assert measured[0] > measured[1] > measured[2]
+    assert in_iod[0] > in_iod[1] > in_iod[2]

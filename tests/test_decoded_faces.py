@@ -13,7 +13,7 @@ from torch import nn
 from s2f import craniofacial as cf
 from s2f import decoded_faces as dfc
 from s2f.decoder import FaceDecoder
-from s2f.demo.render import FaceAppearance, render_canonical
+from s2f.demo.render import FaceAppearance, render_canonical, widths_in_iod
 from s2f.evaluate import SplitFeatures
 from s2f.faces import extract_face
 from s2f.teacher import DlibTeacher
@@ -45,6 +45,15 @@ def test_detection_counts_and_interval():
     result = dfc.detection(np.array([True, True, False, True]))
     assert (result["detected"], result["n"], result["rate"]) == (3, 4, 0.75)
     assert 0 <= result["ci"][0] < 0.75 < result["ci"][1] <= 1
+
+
+def test_true_geometry_adds_widths_in_iod_where_eye_spacing_is_known():
+    demo = [{"face_width": w, "eye_spacing": e, "origin": "x"} for w, e in ((0.2, 0.5), (0.8, 0.1))]
+    columns = dfc.true_geometry(demo)
+    assert set(columns) == {"face_width", "eye_spacing", "face_width/IOD"}
+    assert columns["face_width/IOD"] == pytest.approx([widths_in_iod(a)["face_width/IOD"] for a in demo])
+    # one item without eye spacing: no IOD column (it must be known for every item)
+    assert set(dfc.true_geometry(demo + [{"face_width": 0.5}])) == {"face_width"}
 
 
 def test_untrained_decoder_faces_are_counted_as_missed():

@@ -118,6 +118,32 @@ def _span(bounds: tuple[float, float], t: float) -> float:
     return bounds[0] + (bounds[1] - bounds[0]) * float(np.clip(t, 0.0, 1.0))
 
 
+# The renderer's half-width range of each width field, for widths_in_iod.
+HALF_WIDTHS = {
+    "face_width": FACE_HALF_WIDTH,
+    "jaw_width": JAW_HALF_WIDTH,
+    "nose_width": NOSE_HALF_WIDTH,
+    "mouth_width": MOUTH_HALF_WIDTH,
+}
+
+
+def widths_in_iod(fields: dict[str, float]) -> dict[str, float]:
+    """The face's widths in interocular distances, the unit s2f.craniofacial measures them in.
+
+    `fields` holds FaceAppearance fields; returns {"<field>/IOD": width / IOD} for each width
+    field present, given eye_spacing (else {}). The IOD is the distance between the eye
+    centres, 2 * eye_u, so a measured width follows both its own field and eye_spacing.
+    """
+    if "eye_spacing" not in fields:
+        return {}
+    eye_u = _span(EYE_CENTRE_U, fields["eye_spacing"])
+    return {
+        f"{name}/IOD": _span(bounds, fields[name]) / eye_u
+        for name, bounds in HALF_WIDTHS.items()
+        if name in fields
+    }
+
+
 def _seed(*parts: object) -> int:
     return zlib.crc32(repr(parts).encode())
 
