@@ -6,6 +6,7 @@
                     [--sweep-batch 8,16,32] [--json OUT]
     s2f bench scaling [--step-time S | --from-json OUT] [--batch-size 8] [--mfu 0.4] ...
     s2f bench data ...      (datamodules.bench: bytes per sample and loader throughput)
+    s2f bench warp ...      (s2f.warp_bench: the decoder's warp, every pixel vs the lattice)
 
 `train` runs a plain loop over the real `Speech2Face` module: its loss, and the optimiser and
 step schedule of its `configure_optimizers`. Synthetic mode draws on-device random batches
@@ -629,9 +630,10 @@ def run_scaling(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`s2f bench train|scaling|data|shards ARGS`."""
+    """`s2f bench train|scaling|data|shards|warp ARGS`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    delegated = {"data": "datamodules.bench", "shards": "shards.bench"}  # benchmarks of other stages
+    # Benchmarks of other stages live beside them.
+    delegated = {"data": "datamodules.bench", "shards": "shards.bench", "warp": "s2f.warp_bench"}
     if argv[:1] and argv[0] in delegated:
         import importlib
 
@@ -642,5 +644,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     scaling_parser(sub)
     sub.add_parser("data", help="data loading benchmark (s2f bench data --help)")
     sub.add_parser("shards", help="shard building benchmark (s2f bench shards --help)")
+    sub.add_parser("warp", help="decoder warp benchmark (s2f bench warp --help)")
     args = parser.parse_args(argv)
     return run_train(args) if args.command == "train" else run_scaling(args)

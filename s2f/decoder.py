@@ -8,9 +8,10 @@ x = (2j + 1) / W - 1, y = (2i + 1) / H - 1.
 
 The decoder draws a texture in the mean-face geometry and predicts where the K = 68 landmarks
 (iBUG / dlib order) of this face lie. A thin-plate spline through the landmark displacements,
-with zero displacement pinned on the image border, turns them into a dense sampling grid, and
-the texture is resampled bilinearly: the output pixel at landmark l_k shows the texture at the
-mean position m_k. Everything is differentiable w.r.t. both landmarks and texture.
+with zero displacement pinned on the image border, turns them into a dense sampling grid
+(evaluated every FLOW_STRIDE pixels, bilinear in between), and the texture is resampled
+bilinearly: the output pixel at landmark l_k shows the texture at the mean position m_k.
+Everything is differentiable w.r.t. both landmarks and texture.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ BORDER_POINTS = 16  # zero-displacement pins, evenly spaced on the image border 
 LANDMARK_INIT_GAIN = 0.01  # scales the landmark head's initial weights: start near the mean
 KERNEL_FLOOR = 1e-20  # squared distance below which log(r^2) is clamped (r^2 log r^2 -> 0 there)
 DECONV_KERNEL = 5  # transposed-conv kernel; stride 2, padding 2, output_padding 1 doubles H, W
+# The spline is evaluated every FLOW_STRIDE pixels and interpolated bilinearly in between: it is
+# smooth at that scale (tests bound the difference), and evaluating it at every pixel was most of
+# the cost of a warp (`s2f bench warp` prints both).
+FLOW_STRIDE = 4
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ class DecoderConfig:
     min_channels: transposed conv i (1-based) has max(base_channels / 2^i, min_channels) channels.
     border_points: spline pins on the image border (a multiple of 4; 0 switches them off).
     tps_regularization: spline smoothing lambda (see `tps_fit`).
+    flow_stride: pixels between the points where the spline is evaluated (see `tps_flow`).
     """
 
     in_dim: int = 4096
@@ -54,13 +60,15 @@ class DecoderConfig:
     min_channels: int = 32
     border_points: int = BORDER_POINTS
     tps_regularization: float = TPS_REGULARIZATION
+    flow_stride: int = FLOW_STRIDE
 
     def __post_init__(self):
         if self.border_points % 4:
             raise ValueError(
                 f"DecoderConfig.border_points must be a multiple of 4, got {self.border_points}"
             )
-        if min(self.in_dim, self.first_dim, self.base_size, self.base_channels, self.upsamples) < 1:
+        sizes = (self.in_dim, self.first_dim, self.base_size, self.base_channels, self.upsamples)
+        if min(*sizes, self.flow_stride) < 1:
             raise ValueError(f"DecoderConfig sizes must be positive, got {self}")
 
     @property
@@ -125,16 +133,6 @@ def default_mean_landmarks() -> torch.Tensor:
     lips = _ellipse(0.0, 0.42, 0.25, 0.1, 12) + _ellipse(0.0, 0.42, 0.17, 0.03, 8)
     points = jaw + brows + bridge + nostrils + eyes + lips
     return torch.tensor(points, dtype=torch.float32)  # (K, 2)
-
-
-def pixel_centres(
-    height: int, width: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """(H * W, 2) pixel-centre coordinates (x, y), row-major."""
-    ys = (2 * torch.arange(height, device=device, dtype=dtype) + 1) / height - 1
-    xs = (2 * torch.arange(width, device=device, dtype=dtype) + 1) / width - 1
-    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # (H, W) each
-    return torch.stack([grid_x, grid_y], dim=-1).reshape(-1, 2)  # (H * W, 2)
 
 
 def border_pins(
@@ -218,6 +216,14 @@ def tps_apply(spline: ThinPlateSpline, points: torch.Tensor) -> torch.Tensor:
     return points + shift
 
 
+def lattice(size: int, stride: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(n,) evenly spaced coordinates from the first to the last pixel centre of a side of `size`
+    pixels, at most `stride` pixels apart (n = size for stride 1: the pixel centres)."""
+    count = min(size, math.ceil((size - 1) / stride) + 1)
+    edge = 1 - 1 / size
+    return torch.linspace(-edge, edge, count, device=device, dtype=dtype)
+
+
 def tps_flow(
     src_points: torch.Tensor,
     dst_points: torch.Tensor,
@@ -225,16 +231,28 @@ def tps_flow(
     width: int,
     border_points: int = BORDER_POINTS,
     regularization: float = TPS_REGULARIZATION,
+    stride: int = FLOW_STRIDE,
 ) -> torch.Tensor:
     """Dense sampling grid (B, H, W, 2) of the spline mapping src_points -> dst_points (B, K, 2).
 
     Entry [b, i, j] is f(centre of output pixel (i, j)): where `grid_sample` reads the source
     image for that pixel, so src lives in the output image and dst in the sampled image.
+    f is evaluated on a lattice spanning the pixel centres, `stride` pixels apart, and
+    interpolated bilinearly to every pixel (align_corners=True: the lattice's ends are the first
+    and last pixel centres), which reproduces affine maps exactly; stride 1 evaluates every pixel.
     """
     spline = tps_fit(src_points, dst_points, border_points, regularization)
-    centres = pixel_centres(height, width, src_points.device, src_points.dtype)
-    grid = tps_apply(spline, centres.expand(src_points.shape[0], -1, -1))  # (B, H * W, 2)
-    return grid.reshape(-1, height, width, 2)  # (B, H, W, 2)
+    options = {"device": src_points.device, "dtype": src_points.dtype}
+    ys, xs = lattice(height, stride, **options), lattice(width, stride, **options)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # (h, w) each
+    points = torch.stack([grid_x, grid_y], dim=-1).reshape(1, -1, 2)  # (1, h * w, 2)
+    coarse = tps_apply(spline, points.expand(src_points.shape[0], -1, -1))  # (B, h * w, 2)
+    coarse = coarse.reshape(-1, len(ys), len(xs), 2).permute(0, 3, 1, 2)  # (B, 2, h, w)
+    if coarse.shape[-2:] != (height, width):
+        coarse = nn.functional.interpolate(
+            coarse, size=(height, width), mode="bilinear", align_corners=True
+        )
+    return coarse.permute(0, 2, 3, 1)  # (B, H, W, 2)
 
 
 def _resample(
@@ -243,6 +261,7 @@ def _resample(
     dst_points: torch.Tensor,
     border_points: int,
     regularization: float,
+    stride: int,
 ) -> torch.Tensor:
     """Output pixel at src_points[k] shows `image` at dst_points[k]; (K, 2) dst is shared."""
     if image.dim() != 4 or src_points.shape[-2:] != dst_points.shape[-2:]:
@@ -253,7 +272,7 @@ def _resample(
     batch, _, height, width = image.shape
     src_points = src_points.expand(batch, -1, -1)  # (B, K, 2)
     dst_points = dst_points.expand(batch, -1, -1)  # (B, K, 2)
-    grid = tps_flow(src_points, dst_points, height, width, border_points, regularization)
+    grid = tps_flow(src_points, dst_points, height, width, border_points, regularization, stride)
     # "border" padding: a landmark pushed past the edge repeats the edge colour instead of black.
     return nn.functional.grid_sample(
         image, grid.to(image.dtype), mode="bilinear", padding_mode="border", align_corners=False
@@ -266,9 +285,10 @@ def warp(
     mean_landmarks: torch.Tensor,
     border_points: int = BORDER_POINTS,
     regularization: float = TPS_REGULARIZATION,
+    stride: int = FLOW_STRIDE,
 ) -> torch.Tensor:
     """Texture (B, C, H, W) in mean geometry -> face (B, C, H, W) with landmarks (B, K, 2)."""
-    return _resample(texture, landmarks, mean_landmarks, border_points, regularization)
+    return _resample(texture, landmarks, mean_landmarks, border_points, regularization, stride)
 
 
 def unwarp(
@@ -277,10 +297,11 @@ def unwarp(
     mean_landmarks: torch.Tensor,
     border_points: int = BORDER_POINTS,
     regularization: float = TPS_REGULARIZATION,
+    stride: int = FLOW_STRIDE,
 ) -> torch.Tensor:
     """Face (B, C, H, W) with landmarks (B, K, 2) -> its texture in mean geometry (the target
     of the texture loss); the approximate inverse of `warp`."""
-    return _resample(image, mean_landmarks, landmarks, border_points, regularization)
+    return _resample(image, mean_landmarks, landmarks, border_points, regularization, stride)
 
 
 def _mlp(widths: list[int]) -> nn.Sequential:
@@ -366,6 +387,7 @@ class FaceDecoder(nn.Module):
         x = x.view(-1, c.base_channels, c.base_size, c.base_size)  # (B, C, base, base)
         texture = torch.sigmoid(self.to_rgb(self.upsample(x)))  # (B, 3, S, S)
         image = warp(
-            texture, landmarks, self.mean_landmarks, c.border_points, c.tps_regularization
+            texture, landmarks, self.mean_landmarks, c.border_points, c.tps_regularization,
+            c.flow_stride,
         )
         return {"image": image, "texture": texture, "landmarks": landmarks}

@@ -133,3 +133,40 @@ def test_paper_profile_and_scaling_cli(capsys):
     assert bench.main(["scaling", "--step-time", "0.0125", "--accumulation", "1", "--nodes", "2"]) == 0
     out = capsys.readouterr().out
     assert "1 node NVLink" in out and "2 nodes 400G" in out and "PREDICTED" not in out
+
+
+def write_landmarks(root, count: int = 6) -> None:
+    """root/train/landmarks68.npz as the landmark pass writes it: jittered mean faces."""
+    import numpy as np
+
+    from s2f.decoder import default_mean_landmarks
+
+    rng = np.random.default_rng(0)
+    points = default_mean_landmarks().numpy() + 0.01 * rng.standard_normal((count, 68, 2))
+    (root / "train").mkdir(parents=True)
+    np.savez(root / "train" / "landmarks68.npz", keys=np.array([f"k{i}" for i in range(count)]),
+             landmarks=points.astype(np.float32), mean=points.mean(0).astype(np.float32))  # fmt: skip
+
+
+def test_warp_bench_prints_both_strides_and_their_agreement(tmp_path, capsys):
+    from s2f.cli import main as s2f_main
+    from s2f.decoder import FLOW_STRIDE
+
+    write_landmarks(tmp_path)
+    args = ["bench", "warp", "--shards", str(tmp_path), "--size", "32", "--batch-size", "8",
+            "--repeats", "1"]  # fmt: skip
+    assert s2f_main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {int(line.split()[0]): line.split()[1:] for line in lines[2:4]}
+    assert set(rows) == {1, FLOW_STRIDE} and all(float(v) > 0 for row in rows.values() for v in row)
+    assert lines[4].startswith("speed-up: warp ")
+    warp_db, unwarp_db = (float(part.split()[-2]) for part in lines[6].split(":")[1].split(","))
+    assert warp_db > 40 and unwarp_db > 40  # 8 faces with 0.01 jitter: ~50 dB
+
+
+def test_warp_bench_without_landmarks_names_the_fix(tmp_path, capsys):
+    from s2f.warp_bench import main
+
+    with pytest.raises(SystemExit):
+        main(["--shards", str(tmp_path)])
+    assert "configs/decoder-demo.yaml" in capsys.readouterr().err
