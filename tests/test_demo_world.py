@@ -247,14 +247,25 @@ def test_dlib_hog_finds_every_face_of_the_small_world(world: Path):
     assert found == [1] * len(found)
 
 
+# Renders every frame, then detects: dlib's detector has answered differently on byte-identical
+# frames depending on what ran just before it in the process (render and detect alternated:
+# 89.5-99.5 % found; inside a pytest worker after the evaluation and DataModule tests: 46 %).
+HOG_RATE_SCRIPT = """
+import dlib, numpy as np
+from s2f.demo.identity import generate_identities
+from s2f.demo.world import WorldConfig, render_clip_frame
+config = WorldConfig(identities=50, clips_per_identity=4)
+frames = [render_clip_frame(identity, clip, config)
+          for identity in generate_identities(config.identities, config.seed)
+          for clip in range(config.clips_per_identity)]
+detector = dlib.get_frontal_face_detector()
+print(np.mean([len(detector(frame, 1)) > 0 for frame in frames]))
+"""
+
+
 @pytest.mark.slow
 def test_dlib_hog_finds_at_least_99_percent_of_faces():
-    dlib = pytest.importorskip("dlib")
-    detector = dlib.get_frontal_face_detector()
-    config = WorldConfig(identities=50, clips_per_identity=4)
-    found = [
-        len(detector(render_clip_frame(identity, clip, config), 1)) > 0
-        for identity in generate_identities(config.identities, config.seed)
-        for clip in range(config.clips_per_identity)
-    ]
-    assert np.mean(found) >= 0.99
+    pytest.importorskip("dlib")
+    proc = subprocess.run([sys.executable, "-c", HOG_RATE_SCRIPT], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout) >= 0.99
