@@ -222,7 +222,9 @@ def tps_apply(spline: ThinPlateSpline, points: torch.Tensor) -> torch.Tensor:
     return points + shift
 
 
-def lattice(size: int, stride: int, device=None, dtype=torch.float32) -> torch.Tensor:
+def lattice(
+    size: int, stride: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """(n,) evenly spaced coordinates from the first to the last pixel centre of a side of `size`
     pixels, at most `stride` pixels apart (n = size for stride 1: the pixel centres)."""
     count = min(size, math.ceil((size - 1) / stride) + 1)
