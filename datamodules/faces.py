@@ -82,6 +82,13 @@ def target_face(raw: dict) -> np.ndarray:
         raise schema.BadSample(raw["__key__"], f"{member} does not decode ({error})") from error
 
 
+def shrink_face(face: np.ndarray, size: int) -> torch.Tensor:
+    """RGB uint8 (H, W, 3) -> (1, 3, size, size) float in [0, 1]: bilinear with antialiasing,
+    the decoder's view of its target face."""
+    image = torch.from_numpy(face).permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W)
+    return F.interpolate(image, size=(size, size), mode="bilinear", antialias=True).clamp(0, 1)
+
+
 def _raw_faces(folder: Path) -> wds.WebDataset:
     urls = [str(p) for p in complete_shards(folder)]
     return wds.WebDataset(urls, shardshuffle=False, empty_check=False)
@@ -198,9 +205,7 @@ class FaceSample:
         return self.targets(key, face, points, fc7)
 
     def targets(self, key: str, face: np.ndarray, points: np.ndarray, fc7: np.ndarray) -> dict:
-        size = (self.image_size, self.image_size)
-        image = torch.from_numpy(face).permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W)
-        image = F.interpolate(image, size=size, mode="bilinear", antialias=True).clamp(0, 1)
+        image = shrink_face(face, self.image_size)  # (1, 3, S, S)
         landmarks = torch.from_numpy(np.asarray(points, np.float32))  # (K, 2)
         texture = unwarp(image, landmarks[None], self.mean)  # (1, 3, S, S)
         return {"image": image[0], "texture": texture[0], "landmarks": landmarks,

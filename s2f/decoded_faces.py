@@ -28,11 +28,19 @@ metrics.json "faces" (sorted keys; recalls are fractions, `{"value", "ci"}` a 95
   fields "<width>/IOD" are the true widths in the measurements' unit (craniofacial.TRUE_GEOMETRY);
   true_geometry_drawn: the same on the landmarks the decoder drew.
 - s2f[dur].craniofacial: `craniofacial_table(F2F landmarks, S2F landmarks)` over all items.
+- reference: each item's true target face (portrait.jpg, else face.jpg) shrunk to the decoded
+  size as the decoder's training targets are, then read exactly as a decoded face: image_size,
+  items (those with a face), detection, f2f_vs_reference (`craniofacial_table(F2F, reference)`:
+  how closely F2F's measurements follow the true face's at the same size) and true_geometry.
+  It is the ceiling of the reading: an F2F decoder that drew every true face exactly would
+  score the reference's true_geometry. At 64 px dlib reads face width far less steadily than
+  at 224 px, so a measurement's F2F r is judged against this row, not against 1.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +56,7 @@ from s2f.craniofacial import (
     craniofacial_table,
     decode_faces,
     landmarks_in_box,
+    to_uint8,
     true_geometry_table,
     upsample_for_dlib,
 )
@@ -57,6 +66,9 @@ from shards import schema
 
 GRID_FACES = 8  # test clips shown as (true face | F2F | S2F)
 F2F = "f2f"  # reading key of the faces decoded from v_f; S2F readings are keyed by duration
+REFERENCE = "reference"  # the true faces shrunk to the decoded size
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,7 +76,7 @@ class FaceReading:
     """Decoded faces and what dlib and the teacher found in them; row i is face i."""
 
     images: np.ndarray  # (N, S, S, 3) uint8 RGB, as decoded
-    drawn: np.ndarray  # (N, 68, 2) the landmarks the decoder drew each face with
+    drawn: np.ndarray | None  # (N, 68, 2) the landmarks the decoder drew each face with; None: not decoded
     landmarks: np.ndarray  # (N, 68, 2) dlib's reading, normalised coordinates, NaN where no face
     descriptors: np.ndarray | None  # (N, D) teacher features, NaN rows where no face; None: no teacher
 
@@ -88,9 +100,11 @@ def landmarks_and_crop(image: np.ndarray) -> tuple[np.ndarray, np.ndarray] | Non
     return landmarks_in_box(enlarged, box), align_face(enlarged, box)
 
 
-def read_decoded_faces(images: np.ndarray, drawn: np.ndarray, teacher: Any | None = None) -> FaceReading:
+def read_decoded_faces(
+    images: np.ndarray, drawn: np.ndarray | None, teacher: Any | None = None
+) -> FaceReading:
     """dlib's landmarks of decoded faces (N, S, S, 3) drawn with landmarks `drawn` (N, 68, 2)
-    and, with a teacher, their descriptors."""
+    (None for faces no decoder drew) and, with a teacher, their descriptors."""
     from tqdm import tqdm
 
     n = len(images)
@@ -181,6 +195,44 @@ def face_set(
     return out
 
 
+def reference_faces(shards: Path, keys: list[str], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's true target face (portrait.jpg, else face.jpg: what the decoder learns to
+    draw) shrunk to the decoded size as for training: RGB uint8 (N, size, size, 3), black
+    where an item has neither, and which items have one (N,) bool."""
+    from datamodules.faces import shrink_face, target_face
+
+    found = read_members(shards, keys, (schema.PORTRAIT, schema.FACE))
+    images = np.zeros((len(keys), size, size, 3), np.uint8)
+    present = np.zeros(len(keys), bool)
+    for i, key in enumerate(keys):
+        members = found.get(key, {})
+        if not members:
+            continue
+        try:
+            face = target_face({"__key__": key, **members})
+        except schema.BadSample as error:
+            log.warning("reference faces: skipping %s: %s", key, error.reason)
+            continue
+        images[i] = to_uint8(shrink_face(face, size))[0]
+        present[i] = True
+    return images, present
+
+
+def reference_set(
+    reference: FaceReading, present: np.ndarray, f2f: FaceReading, geometry: dict, seed: int
+) -> dict[str, Any]:
+    """What the true faces at the decoded size give, read as decoded faces are: detection,
+    F2F's measurements against the true face's, and true-geometry correlation (demo world)."""
+    out: dict[str, Any] = {
+        "image_size": int(reference.images.shape[1]), "items": int(present.sum()),
+        "detection": detection(reference.detected[present]),
+        "f2f_vs_reference": craniofacial_table(f2f.landmarks, reference.landmarks, seed),
+    }  # fmt: skip
+    if geometry:
+        out["true_geometry"] = true_geometry_table(reference.landmarks, geometry, seed)
+    return out
+
+
 # ----------------------------------------------------------------------------- the stage
 
 
@@ -211,6 +263,7 @@ class FaceStage:
     teacher: Any | None
     teacher_spec: str | None
     split_teacher: str
+    shards: Path  # the evaluated split, whose true faces are the reference
 
     @classmethod
     def load(cls, decoder_path: str | Path, teacher_spec: str | None, shards: Path) -> FaceStage:
@@ -225,7 +278,7 @@ class FaceStage:
                 "(s2f fit --config configs/decoder-*.yaml)"
             )
         teacher, spec = load_face_teacher(teacher_spec, index)
-        return cls(Path(decoder_path), decoder, teacher, spec, index.teacher)
+        return cls(Path(decoder_path), decoder, teacher, spec, index.teacher, Path(shards))
 
     def read(self, features: torch.Tensor) -> FaceReading:
         """Decode features (N, D) and read the faces."""
@@ -236,8 +289,11 @@ class FaceStage:
         readings = {F2F: self.read(split.v_f)} | {label: self.read(v_s) for label, v_s in split.v_s.items()}
         geometry = true_geometry(split.attributes)
         f2f = readings[F2F]
+        size = int(f2f.images.shape[1])
+        images, present = reference_faces(self.shards, list(split.keys), size)
+        reference = read_decoded_faces(images, None)
         section: dict[str, Any] = {
-            "decoder": str(self.decoder_path), "image_size": int(f2f.images.shape[1]),
+            "decoder": str(self.decoder_path), "image_size": size,
             "items": len(split.keys), "teacher": self.teacher_spec,
             F2F: face_set(f2f, split, gallery, geometry, seed),
             "s2f": {
@@ -245,6 +301,7 @@ class FaceStage:
                 | {"craniofacial": craniofacial_table(f2f.landmarks, readings[label].landmarks, seed)}
                 for label in split.v_s
             },
+            REFERENCE: reference_set(reference, present, f2f, geometry, seed),
         }  # fmt: skip
         if self.teacher is None:
             section["retrieval_skipped"] = (

@@ -98,6 +98,12 @@ PRESETS: dict[str, DecoderConfig] = {
         in_dim=128, first_dim=256, landmark_hidden=(256,), base_size=8, base_channels=128,
         upsamples=4, min_channels=16,
     ),
+    # CPU, the portraits' own size: the medium preset with five transposed convs (64, 32, 16,
+    # 16, 16) from 7 x 7 to 224 x 224. 2,027,467 parameters with in_dim 128.
+    "large": DecoderConfig(
+        in_dim=128, first_dim=256, landmark_hidden=(256,), base_size=7, base_channels=128,
+        upsamples=5, min_channels=16,
+    ),
     # Tests: 128 -> 128, FC -> 4 x 4 x 64, transposed convs 32, 16, 8 to 32 x 32.
     # 249,947 parameters with in_dim 128.
     "tiny": DecoderConfig(

@@ -78,8 +78,8 @@ class FaceDecoderModule(pl.LightningModule):
     """Trains a FaceDecoder on face features, landmarks and textures.
 
     Args:
-        preset: decoder preset ("paper" 224 px / 4096-D, "medium" 128 px, "small" 64 px,
-            "tiny" 32 px).
+        preset: decoder preset ("paper" 224 px / 4096-D, "large" 224 px, "medium" 128 px,
+            "small" 64 px, "tiny" 32 px).
         in_dim: face-feature dimension D (VGG-Face fc7 4096, dlib descriptor 128).
         identity_teacher: "vggface:PATH" turns the identity loss on; "dlib" or None leave it
             off (named apart from Speech2Face's `teacher`, a classifier file path).

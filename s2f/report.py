@@ -372,11 +372,30 @@ def decoded_faces(faces: Mapping[str, Any] | None, grid: Mapping[str, Any] | Non
         parts.append(_correlation_table(faces["f2f"]["true_geometry_drawn"], "true field ~ measurement",
                                         "True face geometry vs measurements on the landmarks the decoder "
                                         "drew F2F with"))
+    parts += _reference_tables(faces.get("reference"))
     parts.append(_note("Lengths are in interocular distances (s2f.craniofacial); a true field '<width>/IOD' "
                        "is that width in the same unit. The random-pair baseline "
                        "correlates the same measurements with the pairing shuffled: mean ± std of r and "
                        "the permutation p of the observed |r|. Faces dlib missed are left out (n)."))
     return "".join(parts) + _face_grid(grid)
+
+
+def _reference_tables(reference: Mapping[str, Any] | None) -> list[str]:
+    """The true faces shrunk to the decoded size and read as decoded faces: the reading's ceiling."""
+    if reference is None:
+        return []
+    size, found = reference["image_size"], reference["detection"]
+    name = f"the true faces at {size} px"
+    parts = [_note(f"Reference: each clip's true target face (portrait.jpg, else face.jpg) shrunk to {size} px "
+                   f"as the decoder's targets are, read as decoded faces are; dlib found {found['detected']} "
+                   f"of {found['n']}. A decoder that drew every true face exactly would score its "
+                   "true-geometry r: judge F2F against it.")]
+    parts.append(_correlation_table(reference["f2f_vs_reference"], "measurement",
+                                    f"F2F vs {name}, Pearson r over clips with a face on both"))
+    if "true_geometry" in reference:
+        parts.append(_correlation_table(reference["true_geometry"], "true field ~ measurement",
+                                        f"True face geometry vs measurements on {name}"))
+    return parts
 
 
 def _detection_table(sets: Mapping[str, Mapping[str, Any]]) -> str:

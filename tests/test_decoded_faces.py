@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from datamodules.bench import write_split
+from datamodules.faces import shrink_face
 from s2f import craniofacial as cf
 from s2f import decoded_faces as dfc
 from s2f.decoder import FaceDecoder
@@ -17,6 +20,7 @@ from s2f.demo.render import FaceAppearance, render_canonical, widths_in_iod
 from s2f.evaluate import SplitFeatures
 from s2f.faces import extract_face
 from s2f.teacher import DlibTeacher
+from shards import schema
 
 DECODED_SIZE = 64  # the demo decoder's output side
 # Six demo-world faces, each field spread over its range so that no two faces look alike.
@@ -84,14 +88,53 @@ class LookupDecoder(nn.Module):
         return {"image": self.images[nearest], "landmarks": self.landmarks[nearest]}
 
 
+def jpeg(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def write_faces(folder: Path, keys: list[str], faces: dict[str, dict[str, bytes]]) -> Path:
+    """A test split whose sample `key` holds the members faces[key] (face.jpg / portrait.jpg)."""
+    samples = [
+        {"key": key, "fc7": np.zeros(4, np.float32), "meta": {}, "spec": np.zeros((2, 4, 3)),
+         "face_jpg": faces.get(key, {}).get(schema.FACE),
+         "portrait_jpg": faces.get(key, {}).get(schema.PORTRAIT)}
+        for key in keys
+    ]  # fmt: skip
+    write_split(folder, "test", samples, "spectrogram", 4, samples_per_shard=2)
+    return folder
+
+
 @pytest.fixture(scope="module")
-def rendered():
-    """Six faces aligned as the shard builder aligns them, their dlib descriptors, and the same
-    crops shrunk to the decoder's output size."""
+def rendered(tmp_path_factory):
+    """Six faces aligned as the shard builder aligns them, their dlib descriptors, the same
+    crops shrunk to the decoder's output size, and a split holding them as face.jpg."""
     crops = np.stack([extract_face(render_canonical(a)).crop for a in APPEARANCES])  # (6, 224, 224, 3)
     teacher = DlibTeacher.load()
     small = np.stack([np.asarray(Image.fromarray(c).resize((DECODED_SIZE,) * 2, Image.BILINEAR)) for c in crops])
-    return {"teacher": teacher, "v_f": torch.from_numpy(teacher.features(crops)), "small": small}
+    keys = [f"demo/s{i}/c0" for i in range(len(crops))]
+    shards = write_faces(tmp_path_factory.mktemp("faces"), keys,
+                         {key: {schema.FACE: jpeg(crop)} for key, crop in zip(keys, crops)})  # fmt: skip
+    return {"teacher": teacher, "v_f": torch.from_numpy(teacher.features(crops)), "small": small,
+            "keys": keys, "shards": shards}  # fmt: skip
+
+
+def test_reference_faces_are_the_portraits_else_the_faces_shrunk_as_for_training(tmp_path):
+    red, blue = np.zeros((40, 40, 3), np.uint8), np.zeros((40, 40, 3), np.uint8)
+    red[:20, :, 0], blue[:, :20, 2] = 250, 250  # top half red; left half blue
+    faces = {"a": {schema.FACE: jpeg(red), schema.PORTRAIT: jpeg(blue)}, "c": {schema.FACE: jpeg(red)}}
+    shards = write_faces(tmp_path / "test", ["a", "b", "c"], faces)
+    images, present = dfc.reference_faces(shards, ["c", "b", "a"], 8)
+    assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8
+    assert present.tolist() == [True, False, True]
+    assert not images[1].any()  # no face: black, and left out
+    decoded = {name: np.array(Image.open(io.BytesIO(data))) for name, data in faces["a"].items()}
+    for row, face in ((0, decoded[schema.FACE]), (2, decoded[schema.PORTRAIT])):  # the portrait wins
+        expected = cf.to_uint8(shrink_face(face, 8))[0]
+        np.testing.assert_array_equal(images[row], expected)
+    assert images[0, 1, 4, 0] > 200 and images[0, 6, 4, 0] < 50  # red on top
+    assert images[2, 4, 1, 2] > 200 and images[2, 4, 6, 2] < 50  # blue on the left
 
 
 def test_shrunk_faces_are_found_and_read_as_their_own(rendered):
@@ -109,7 +152,7 @@ def test_face_stage_on_faces_decoded_by_lookup(rendered):
     v_f = rendered["v_f"]
     n = len(v_f)
     split = SplitFeatures(
-        keys=[f"demo/s{i}/c0" for i in range(n)], speakers=np.array([f"s{i}" for i in range(n)]),
+        keys=rendered["keys"], speakers=np.array([f"s{i}" for i in range(n)]),
         v_f=v_f, v_s={"6s": v_f.roll(-1, dims=0)},
         attributes=[{"nose_width": a.nose_width, "face_width": a.face_width, "age": 30} for a in APPEARANCES],
         skipped=[],
@@ -118,7 +161,7 @@ def test_face_stage_on_faces_decoded_by_lookup(rendered):
     # must then pair each face's rows exactly (r = 1 for every measurement)
     read = dfc.read_decoded_faces(rendered["small"], np.zeros((n, 68, 2), np.float32)).landmarks
     lookup = LookupDecoder(v_f, rendered["small"], read + np.float32(0.01))
-    stage = dfc.FaceStage(Path("lookup"), lookup, rendered["teacher"], "dlib", "dlib")
+    stage = dfc.FaceStage(Path("lookup"), lookup, rendered["teacher"], "dlib", "dlib", rendered["shards"])
     section, readings = stage.evaluate(split, np.arange(n), seed=0)
     assert set(readings) == {"f2f", "6s"}
     f2f, s2f = section["f2f"], section["s2f"]["6s"]
@@ -140,3 +183,12 @@ def test_face_stage_on_faces_decoded_by_lookup(rendered):
     for pair, row in f2f["true_geometry_drawn"].items():  # drawn = read, shifted: same lengths
         assert row["r"] == pytest.approx(f2f["true_geometry"][pair]["r"], abs=1e-5), pair
     assert section["teacher"] == "dlib" and section["image_size"] == DECODED_SIZE
+    # the reference: the true face.jpg crops shrunk to 64 px, read as decoded faces are; the
+    # lookup decoder drew those same crops (resized by PIL), so F2F follows them closely
+    reference = section["reference"]
+    assert (reference["image_size"], reference["items"]) == (DECODED_SIZE, n)
+    assert reference["detection"]["rate"] == 1.0
+    assert list(reference["f2f_vs_reference"]) == list(cf.MEASUREMENTS)
+    for name in ("nose_width", "mouth_width", "face_width"):
+        assert reference["f2f_vs_reference"][name]["r"] > 0.9, name
+    assert reference["true_geometry"]["nose_width ~ nose_width"]["r"] > 0.5

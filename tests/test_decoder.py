@@ -180,7 +180,7 @@ def test_warp_unwarp_round_trip_for_mild_displacement():
     assert psnr(recovered[..., interior, interior], image[..., interior, interior]) > 25
 
 
-@pytest.mark.parametrize("name, size", [("tiny", 32), ("small", 64), ("medium", 128), ("paper", 224)])
+@pytest.mark.parametrize("name, size", [("tiny", 32), ("small", 64), ("medium", 128), ("large", 224), ("paper", 224)])
 def test_output_shapes_per_preset(name, size):
     decoder = FaceDecoder.from_preset(name)
     with torch.no_grad():

@@ -452,6 +452,12 @@ def test_faces_section_counts_every_decoded_face(decoder_run):
         assert all(row["n"] <= detection["detected"] for row in entry["drawn_vs_read"].values())
     for entry in faces["s2f"].values():
         assert list(entry["craniofacial"]) == list(MEASUREMENTS)
+    # the reference: the fixture's face.jpg crops shrunk to the decoder's 32 px, read the same way
+    reference = faces["reference"]
+    assert (reference["image_size"], reference["items"]) == (32, items)
+    assert reference["detection"]["n"] == items
+    assert set(reference["true_geometry"]) == set(faces["f2f"]["true_geometry"])
+    assert list(reference["f2f_vs_reference"]) == list(MEASUREMENTS)
 
 
 @pytest.mark.slow
@@ -473,6 +479,9 @@ def test_report_shows_decoded_face_grids_and_tables(decoder_run):
     assert "F2F: the geometry the decoder drew" in section
     assert "True face geometry vs measurements on the landmarks the decoder drew F2F with" in section
     assert "Retrieval of decoded faces not run" in section
+    assert "Reference: each clip's true target face" in section
+    assert "F2F vs the true faces at 32 px" in section
+    assert "True face geometry vs measurements on the true faces at 32 px" in section
 
 
 def _image_bytes(colour: tuple[int, int, int], kind: str) -> bytes:
