@@ -117,7 +117,9 @@ def usage() -> str:
     lines += [f"  {name:<10}{text}" for name, text in TRAINING.items()]
     lines += ["", "tools:"] + [f"  {name:<10}{text}" for name, (_, text) in TOOLS.items()]
     lines += ["", "configs: configs/paper.yaml (the paper's setup on GPUs), configs/paper-deepspeed.yaml, "
-              "configs/demo.yaml (CPU)"]
+              "configs/demo.yaml (CPU)",
+              "face decoder: configs/decoder-paper.yaml (GPU), configs/decoder-demo.yaml (CPU, 64 px; "
+              "add --config configs/decoder-demo-large.yaml for 224 px)"]
     return "\n".join(lines)
 
 

@@ -58,7 +58,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from s2f.metrics import pearson_with_p, random_pair_baseline
+from s2f.metrics import pearson_ci_over_groups, pearson_with_p, random_pair_baseline
 
 NUM_LANDMARKS = 68
 MIN_MEASURE_SIZE = 160  # pixels: dlib's HOG window is 80 px; smaller faces are missed or misfit
@@ -202,42 +202,53 @@ def measure(landmarks68: np.ndarray) -> dict[str, np.ndarray]:
 # -- correlation tables -----------------------------------------------------------------------
 
 
-def _correlate(x: np.ndarray, y: np.ndarray, seed: int) -> dict:
-    """{"r", "p", "n", "baseline": random-pair r mean/std/p}; a constant column gives r None."""
+def _correlate(x: np.ndarray, y: np.ndarray, seed: int, groups: np.ndarray | None) -> dict:
+    """{"r", "p", "n", "baseline": random-pair r mean/std/p}, and with groups (N,) (speakers)
+    "ci": the 95 % interval of r resampling whole groups; a constant column gives r None."""
     keep = np.isfinite(x) & np.isfinite(y)
     row: dict = {"n": int(keep.sum())}
     try:
         r, p = pearson_with_p(x[keep], y[keep])
         row |= {"r": r, "p": p, "baseline": random_pair_baseline(x[keep], y[keep], seed)}
     except ValueError as error:  # fewer than 3 pairs, or a constant measurement
-        row |= {"r": None, "p": None, "baseline": None, "error": str(error)}
+        return row | {"r": None, "p": None, "baseline": None, "error": str(error)}
+    if groups is not None:
+        try:
+            row["ci"] = list(pearson_ci_over_groups(x[keep], y[keep], np.asarray(groups)[keep], seed=seed))
+        except ValueError:  # every kept pair from one speaker: nothing to resample
+            row["ci"] = None
     return row
 
 
 def craniofacial_table(
-    f2f_landmarks: np.ndarray, s2f_landmarks: np.ndarray, seed: int = 0
+    f2f_landmarks: np.ndarray, s2f_landmarks: np.ndarray, seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> dict[str, dict]:
     """Per measurement: Pearson r (and p) between F2F and S2F faces of the same items, and the
     random-pair baseline (metrics.random_pair_baseline). Landmarks (N, 68, 2); rows with NaN
-    (no face found on either image) are left out, and "n" says how many pairs remain."""
+    (no face found on either image) are left out, and "n" says how many pairs remain. With
+    `groups` (N,), each item's speaker, r also gets a speaker-bootstrap "ci" (_correlate)."""
     f2f, s2f = np.asarray(f2f_landmarks), np.asarray(s2f_landmarks)
     if f2f.shape != s2f.shape:
         raise ValueError(f"F2F landmarks {f2f.shape} and S2F landmarks {s2f.shape} must pair up")
     a, b = measure(f2f), measure(s2f)
-    return {name: _correlate(a[name], b[name], seed) for name in MEASUREMENTS}
+    return {name: _correlate(a[name], b[name], seed, groups) for name in MEASUREMENTS}
 
 
 def true_geometry_table(
-    f2f_landmarks: np.ndarray, geometry: Mapping[str, np.ndarray], seed: int = 0
+    f2f_landmarks: np.ndarray, geometry: Mapping[str, np.ndarray], seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> dict[str, dict]:
     """Pearson r between the demo world's true face geometry (FaceAppearance fields, arrays
-    (N,)) and the measurement each drives (TRUE_GEOMETRY), on landmarks (N, 68, 2).
+    (N,)) and the measurement each drives (TRUE_GEOMETRY), on landmarks (N, 68, 2); with
+    `groups` (N,), each item's speaker, a speaker-bootstrap "ci" of r too (_correlate).
 
     Keys are "<field> ~ <measurement>"; fields missing from `geometry` are skipped.
     """
     measured = measure(np.asarray(f2f_landmarks))
     return {
-        f"{field} ~ {name}": _correlate(np.asarray(geometry[field], np.float64), measured[name], seed)
+        f"{field} ~ {name}": _correlate(
+            np.asarray(geometry[field], np.float64), measured[name], seed, groups)
         for field, name in TRUE_GEOMETRY.items()
         if field in geometry
     }

@@ -24,7 +24,7 @@ metrics.json "faces" (sorted keys; recalls are fractions, `{"value", "ci"}` a 95
   face's descriptor as query, the true features v_f as gallery; the layout of the top-level
   retrieval sections plus chance_ratio[metric][recall@k] = recall / chance;
   true_geometry (when the samples carry the demo world's face geometry): per
-  "<field> ~ <measurement>", craniofacial._correlate's {r, p, n, baseline}, on dlib's reading;
+  "<field> ~ <measurement>", craniofacial._correlate's {r, p, n, baseline, ci}, on dlib's reading;
   fields "<width>/IOD" are the true widths in the measurements' unit (craniofacial.TRUE_GEOMETRY);
   true_geometry_drawn: the same on the landmarks the decoder drew.
 - s2f[dur].craniofacial: `craniofacial_table(F2F landmarks, S2F landmarks)` over all items.
@@ -35,6 +35,9 @@ metrics.json "faces" (sorted keys; recalls are fractions, `{"value", "ci"}` a 95
   It is the ceiling of the reading: an F2F decoder that drew every true face exactly would
   score the reference's true_geometry. At 64 px dlib reads face width far less steadily than
   at 224 px, so a measurement's F2F r is judged against this row, not against 1.
+Every correlation row also holds "ci", the 95 % interval of r over speakers: a speaker's clips
+share one face, so the p-value, which counts clips as independent, overstates the evidence;
+the interval resamples whole speakers (metrics.pearson_ci_over_groups).
 """
 
 from __future__ import annotations
@@ -185,13 +188,13 @@ def face_set(
     correlation of one face set."""
     out: dict[str, Any] = {
         "detection": detection(reading.detected),
-        "drawn_vs_read": craniofacial_table(reading.drawn, reading.landmarks, seed),
+        "drawn_vs_read": craniofacial_table(reading.drawn, reading.landmarks, seed, split.speakers),
     }
     if reading.descriptors is not None:
         out |= decoded_retrieval(reading, split, gallery, seed)
     if geometry:
-        out["true_geometry"] = true_geometry_table(reading.landmarks, geometry, seed)
-        out["true_geometry_drawn"] = true_geometry_table(reading.drawn, geometry, seed)
+        out["true_geometry"] = true_geometry_table(reading.landmarks, geometry, seed, split.speakers)
+        out["true_geometry_drawn"] = true_geometry_table(reading.drawn, geometry, seed, split.speakers)
     return out
 
 
@@ -219,17 +222,18 @@ def reference_faces(shards: Path, keys: list[str], size: int) -> tuple[np.ndarra
 
 
 def reference_set(
-    reference: FaceReading, present: np.ndarray, f2f: FaceReading, geometry: dict, seed: int
+    reference: FaceReading, present: np.ndarray, f2f: FaceReading, geometry: dict,
+    speakers: np.ndarray, seed: int,
 ) -> dict[str, Any]:
     """What the true faces at the decoded size give, read as decoded faces are: detection,
     F2F's measurements against the true face's, and true-geometry correlation (demo world)."""
     out: dict[str, Any] = {
         "image_size": int(reference.images.shape[1]), "items": int(present.sum()),
         "detection": detection(reference.detected[present]),
-        "f2f_vs_reference": craniofacial_table(f2f.landmarks, reference.landmarks, seed),
+        "f2f_vs_reference": craniofacial_table(f2f.landmarks, reference.landmarks, seed, speakers),
     }  # fmt: skip
     if geometry:
-        out["true_geometry"] = true_geometry_table(reference.landmarks, geometry, seed)
+        out["true_geometry"] = true_geometry_table(reference.landmarks, geometry, seed, speakers)
     return out
 
 
@@ -298,10 +302,11 @@ class FaceStage:
             F2F: face_set(f2f, split, gallery, geometry, seed),
             "s2f": {
                 label: face_set(readings[label], split, gallery, geometry, seed)
-                | {"craniofacial": craniofacial_table(f2f.landmarks, readings[label].landmarks, seed)}
+                | {"craniofacial": craniofacial_table(
+                    f2f.landmarks, readings[label].landmarks, seed, split.speakers)}
                 for label in split.v_s
             },
-            REFERENCE: reference_set(reference, present, f2f, geometry, seed),
+            REFERENCE: reference_set(reference, present, f2f, geometry, split.speakers, seed),
         }  # fmt: skip
         if self.teacher is None:
             section["retrieval_skipped"] = (

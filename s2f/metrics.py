@@ -45,6 +45,7 @@ AGE_GROUPS = ((0, "<18"), (18, "18-29"), (30, "30-44"), (45, "45-59"), (60, "60+
 UNKNOWN_GROUP = "unknown"  # group of an item whose attribute is missing (None)
 DEFAULT_N_PERM = 1_000  # shuffled pairings of the random-pair baseline
 R_TIE_TOLERANCE = 1e-12  # |r| this close to the observed one counts as "at least as large"
+CONSTANT_VARIANCE = 1e-12  # a resample of standardised values varying less than this is constant
 
 Array = torch.Tensor | np.ndarray | Sequence
 
@@ -322,6 +323,58 @@ def bootstrap_ci(
     ])  # (n_boot,)
     low, high = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
+
+
+def pearson_ci_over_groups(
+    x: Array,
+    y: Array,
+    groups: Sequence | np.ndarray,
+    n_boot: int = DEFAULT_N_BOOT,
+    alpha: float = DEFAULT_ALPHA,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of Pearson r that resamples whole groups (speakers).
+
+    A speaker's clips share one face, so they are not independent draws: resampling clips, or
+    the p-value's n - 2 degrees of freedom, would make r look surer than the number of speakers
+    allows. Each resample draws G groups with replacement from the G present and keeps every
+    item of each drawn group, once per draw; r of a resample is the Pearson r of items weighted
+    by those counts (B, N), which equals r of the concatenated resample. Resamples where x or y
+    is constant are left out.
+    """
+    zx, zy = _standardised_pair(x, y)
+    labels = np.asarray(groups)
+    if labels.shape != zx.shape:
+        raise ValueError(f"groups: expected one label per pair ({len(zx)},), got {labels.shape}")
+    _, group_of = np.unique(labels, return_inverse=True)  # (N,) group index of each item
+    n_groups = int(group_of.max()) + 1
+    if n_groups < 2:
+        raise ValueError("groups: need at least 2 groups to resample; got 1")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, n_groups, size=(n_boot, n_groups))  # (B, G)
+    counts = np.zeros((n_boot, n_groups))
+    np.add.at(counts, (np.arange(n_boot)[:, None], picks), 1.0)
+    rows = max(1, BOOT_CHUNK_VALUES // len(zx))
+    r = np.concatenate([
+        _weighted_pearson(counts[start:start + rows, group_of], zx, zy)
+        for start in range(0, n_boot, rows)
+    ])  # (B,)
+    low, high = np.nanquantile(r, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def _weighted_pearson(weights: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson r of x, y (N,) under each row of weights (B, N); NaN where a side is constant."""
+    total = weights.sum(axis=1)  # (B,)
+
+    def mean(values: np.ndarray) -> np.ndarray:
+        return weights @ values / total  # (B,)
+
+    mx, my = mean(x), mean(y)
+    cov, vx, vy = mean(x * y) - mx * my, mean(x * x) - mx * mx, mean(y * y) - my * my
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = cov / np.sqrt(vx * vy)
+    return np.where((vx > CONSTANT_VARIANCE) & (vy > CONSTANT_VARIANCE), np.clip(r, -1.0, 1.0), np.nan)
 
 
 def wilson_ci(successes: int, n: int, alpha: float = DEFAULT_ALPHA) -> tuple[float, float]:

@@ -374,9 +374,11 @@ def decoded_faces(faces: Mapping[str, Any] | None, grid: Mapping[str, Any] | Non
                                         "drew F2F with"))
     parts += _reference_tables(faces.get("reference"))
     parts.append(_note("Lengths are in interocular distances (s2f.craniofacial); a true field '<width>/IOD' "
-                       "is that width in the same unit. The random-pair baseline "
-                       "correlates the same measurements with the pairing shuffled: mean ± std of r and "
-                       "the permutation p of the observed |r|. Faces dlib missed are left out (n)."))
+                       "is that width in the same unit. The interval of r resamples whole speakers: their "
+                       "clips share one face, so it is wider than p, which counts clips as independent, "
+                       "suggests. The random-pair baseline correlates the same measurements with the "
+                       "pairing shuffled: mean ± std of r and the permutation p of the observed |r|. "
+                       "Faces dlib missed are left out (n)."))
     return "".join(parts) + _face_grid(grid)
 
 
@@ -430,9 +432,15 @@ def _correlation_table(table: Mapping[str, Mapping[str, Any]], first: str, capti
     for name, row in table.items():
         base = row.get("baseline")
         random_pair = "–" if base is None else f"{base['mean']:+.3f} ± {base['std']:.3f}"
-        rows.append([_e(name), "–" if row["r"] is None else f"{row['r']:+.3f}", _number(row["p"]),
-                     str(row["n"]), random_pair, _number(None if base is None else base["p_value"])])
-    return _table([first, "r", "p", "n", "random-pair r", "permutation p"], rows, caption)
+        rows.append([_e(name), "–" if row["r"] is None else f"{row['r']:+.3f}", _r_interval(row.get("ci")),
+                     _number(row["p"]), str(row["n"]), random_pair,
+                     _number(None if base is None else base["p_value"])])
+    head = [first, "r", "r: 95% CI over speakers", "p", "n", "random-pair r", "permutation p"]
+    return _table(head, rows, caption)
+
+
+def _r_interval(ci: Sequence[float] | None) -> str:
+    return "–" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
 
 def _face_row(row: Mapping[str, Any], portraits: bool) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -72,6 +73,8 @@ def test_help_lists_training_commands_and_tools(capsys):
     out = capsys.readouterr().out
     for command in [*cli.TRAINING, *cli.TOOLS]:
         assert f"  {command} " in out
+    named = set(re.findall(r"configs/[\w-]+\.yaml", out))
+    assert named == {f"configs/{path.name}" for path in CONFIGS.glob("*.yaml")}  # every config, no stale one
 
 
 def test_tool_gets_the_remaining_arguments(tmp_path, monkeypatch):
@@ -144,6 +147,35 @@ def test_demo_config_parses_and_decays_the_rate_to_near_zero(capsys):
     assert model["schedule"] == "linear"  # decays to 0 at max_steps (tests/test_module.py)
     assert model["train_seconds"] == 3.0 and model["channels_last"] is True
     assert Path(model["teacher"]).parent == Path(config["data"]["init_args"]["root"])
+
+
+def decoder_sizes(config: dict) -> tuple[str, int, int, int]:
+    """(preset, in_dim, data.image_size, the preset's own output side) of a decoder config."""
+    from s2f.decoder import PRESETS
+
+    model, data = config["model"]["init_args"], config["data"]["init_args"]
+    return model["preset"], model["in_dim"], data["image_size"], PRESETS[model["preset"]].image_size
+
+
+def test_decoder_configs_draw_their_presets_size(capsys):
+    demo = printed_config(capsys, "--config", str(CONFIGS / "decoder-demo.yaml"))
+    paper = printed_config(capsys, "--config", str(CONFIGS / "decoder-paper.yaml"))
+    assert decoder_sizes(demo) == ("small", 128, 64, 64)  # the dlib descriptor, 64-px faces
+    assert decoder_sizes(paper) == ("paper", 4096, 224, 224)  # VGG-Face fc7, SPEC section 6
+    assert demo["model"]["init_args"]["identity_teacher"] == "dlib"
+    assert demo["trainer"]["accelerator"] == "cpu" and paper["trainer"]["accelerator"] == "gpu"
+
+
+def test_large_decoder_overlay_changes_only_the_preset_size_and_run_dir(capsys):
+    demo = printed_config(capsys, "--config", str(CONFIGS / "decoder-demo.yaml"))
+    large = printed_config(capsys, "--config", str(CONFIGS / "decoder-demo.yaml"),
+                           "--config", str(CONFIGS / "decoder-demo-large.yaml"))  # fmt: skip
+    assert decoder_sizes(large) == ("large", 128, 224, 224)
+    assert large["trainer"]["default_root_dir"] != demo["trainer"]["default_root_dir"]
+    for config in (demo, large):
+        del config["model"]["init_args"]["preset"], config["data"]["init_args"]["image_size"]
+        del config["trainer"]["default_root_dir"]
+    assert large == demo
 
 
 # --- fail before any work ----------------------------------------------------------------------

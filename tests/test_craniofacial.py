@@ -7,6 +7,7 @@ import pytest
 import scipy.stats
 
 from s2f import craniofacial as cf
+from s2f import metrics as m
 from s2f.decoder import default_mean_landmarks
 from s2f.demo.render import FaceAppearance, render_canonical, widths_in_iod
 from s2f.faces import align_face, detect_faces
@@ -73,6 +74,24 @@ def test_tables_match_scipy_and_skip_missing_faces():
     truth = cf.true_geometry_table(np.delete(f2f, 3, 0), geometry)
     assert set(truth) == {"nose_width ~ nose_width", "face_width ~ face_width"}
     assert truth["nose_width ~ nose_width"]["r"] == pytest.approx(1.0)
+    assert all("ci" not in row for row in (*table.values(), *truth.values()))  # no speakers given
+
+
+def test_tables_give_an_interval_over_speakers_when_told_them():
+    rng = np.random.default_rng(2)
+    f2f = hand_made() + rng.normal(0, 0.03, (40, 68, 2))
+    s2f = f2f + rng.normal(0, 0.03, (40, 68, 2))
+    s2f[3] = np.nan  # left out of the interval as of r
+    speakers = np.repeat(np.arange(10), 4)
+    table = cf.craniofacial_table(f2f, s2f, seed=1, groups=speakers)
+    a, b = cf.measure(np.delete(f2f, 3, 0)), cf.measure(np.delete(s2f, 3, 0))
+    for name, row in table.items():
+        expected = m.pearson_ci_over_groups(a[name], b[name], np.delete(speakers, 3), seed=1)
+        assert row["ci"] == pytest.approx(list(expected)) and row["ci"][0] < row["r"] < row["ci"][1]
+    geometry = {"nose_width": rng.random(40)}
+    truth = cf.true_geometry_table(f2f, geometry, groups=np.zeros(40))  # one speaker: no interval
+    row = truth["nose_width ~ nose_width"]
+    assert row["ci"] is None and row["r"] is not None
 
 
 def _rendered(**fields) -> dict:

@@ -180,6 +180,10 @@ def test_face_stage_on_faces_decoded_by_lookup(rendered):
     assert all(row["n"] == n for row in s2f["craniofacial"].values())
     assert set(f2f["true_geometry"]) == {"nose_width ~ nose_width", "face_width ~ face_width"}
     assert f2f["true_geometry"]["nose_width ~ nose_width"]["r"] > 0.5
+    for table in (f2f["true_geometry"], f2f["drawn_vs_read"], s2f["craniofacial"]):  # six speakers
+        for name, row in table.items():
+            assert -1 <= row["ci"][0] <= row["ci"][1] <= 1, name
+    assert all(row["ci"][0] > 0.9 for row in f2f["drawn_vs_read"].values())  # r ~ 1 on every resample
     for pair, row in f2f["true_geometry_drawn"].items():  # drawn = read, shifted: same lengths
         assert row["r"] == pytest.approx(f2f["true_geometry"][pair]["r"], abs=1e-5), pair
     assert section["teacher"] == "dlib" and section["image_size"] == DECODED_SIZE

@@ -482,6 +482,21 @@ def test_report_shows_decoded_face_grids_and_tables(decoder_run):
     assert "Reference: each clip's true target face" in section
     assert "F2F vs the true faces at 32 px" in section
     assert "True face geometry vs measurements on the true faces at 32 px" in section
+    assert "<th>r: 95% CI over speakers</th>" in section
+
+
+def test_correlation_table_shows_the_interval_over_speakers():
+    from s2f.report import _correlation_table
+
+    baseline = {"mean": 0.01, "std": 0.1, "p_value": 0.002}
+    page = _correlation_table({
+        "face_width ~ face_width": {"r": 0.56, "p": 1e-9, "n": 136, "baseline": baseline, "ci": [0.31, 0.74]},
+        "nose_width ~ nose_width": {"r": 0.7, "p": 1e-20, "n": 136, "baseline": baseline},  # no speakers
+        "jaw_width ~ jaw_width": {"r": None, "p": None, "n": 2, "baseline": None, "error": "too few"},
+    }, "true field ~ measurement", "caption")  # fmt: skip
+    cells = re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td>", page)
+    assert cells == [("face_width ~ face_width", "+0.560", "[+0.31, +0.74]"),
+                     ("nose_width ~ nose_width", "+0.700", "–"), ("jaw_width ~ jaw_width", "–", "–")]
 
 
 def _image_bytes(colour: tuple[int, int, int], kind: str) -> bytes:

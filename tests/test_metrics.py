@@ -391,6 +391,48 @@ def test_pearson_matches_scipy():
         m.pearson_with_p(np.ones(5), np.arange(5.0))
 
 
+def clustered_pairs(groups: int, per_group: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x, y (G * per_group,) where each group shares most of its value (one face per speaker)."""
+    rng = np.random.default_rng(seed)
+    shared = rng.normal(size=groups)
+    x = np.repeat(shared, per_group) + 0.3 * rng.normal(size=groups * per_group)
+    y = 0.5 * np.repeat(shared, per_group) + rng.normal(size=groups * per_group)
+    return x, y, np.repeat([f"spk{g:02d}" for g in range(groups)], per_group)
+
+
+def test_pearson_ci_over_groups_equals_resampling_whole_groups_by_hand():
+    x, y, groups = clustered_pairs(groups=12, per_group=3, seed=4)
+    n_boot = 300
+    # the same draws by hand: G group indices per resample (PCG64, seed 7), every item of each
+    # drawn group concatenated once per draw, np.corrcoef of the concatenation
+    labels, group_of = np.unique(groups, return_inverse=True)
+    picks = np.random.default_rng(7).integers(0, len(labels), size=(n_boot, len(labels)))
+    members = [np.flatnonzero(group_of == g) for g in range(len(labels))]
+    by_hand = [np.corrcoef(x[idx], y[idx])[0, 1]
+               for idx in (np.concatenate([members[g] for g in row]) for row in picks)]  # fmt: skip
+    expected = np.quantile(by_hand, [0.025, 0.975])
+    low, high = m.pearson_ci_over_groups(x, y, groups, n_boot=n_boot, seed=7)
+    assert (low, high) == pytest.approx(tuple(expected), abs=1e-9)
+    assert low < m.pearson_with_p(x, y)[0] < high
+
+
+def test_pearson_ci_over_groups_counts_speakers_not_clips():
+    x, y, groups = clustered_pairs(groups=20, per_group=1, seed=5)
+    one_each = m.pearson_ci_over_groups(x, y, groups, seed=0)
+    # five identical copies of each clip add no evidence: the interval over speakers is unchanged,
+    # while an interval treating the 100 copies as independent clips is far narrower
+    copies = [np.repeat(v, 5) for v in (x, y, groups)]
+    assert m.pearson_ci_over_groups(*copies, seed=0) == pytest.approx(one_each, abs=1e-12)
+    as_clips = m.pearson_ci_over_groups(copies[0], copies[1], np.arange(100), seed=0)
+    assert as_clips[1] - as_clips[0] < 0.6 * (one_each[1] - one_each[0])
+    exact = m.pearson_ci_over_groups(x, 2 * x + 1, groups, seed=0)
+    assert exact == pytest.approx((1.0, 1.0))
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        m.pearson_ci_over_groups(x, y, ["one"] * len(x))
+    with pytest.raises(ValueError, match="one label per pair"):
+        m.pearson_ci_over_groups(x, y, groups[:-1])
+
+
 def test_random_pair_baseline():
     rng = np.random.default_rng(11)
     x = rng.normal(size=50)
